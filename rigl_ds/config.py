@@ -1,0 +1,174 @@
+"""The ``"rigl"`` config block: one validated model whose field names are the JSON keys.
+
+Validation happens once, at start-up; every error names the key, the bad value and what is
+allowed, in the ``rigl.<key>: ...`` form so it reads like DeepSpeed's own config errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHOD_NAMES = ("static", "set", "rigl", "snfs", "gmp")
+DISTRIBUTIONS = ("uniform", "er", "erk", "global")
+DROP_FRACTION_SCHEDULES = ("cosine", "constant", "linear")
+GROW_INITS = ("zeros", "random_normal")
+
+
+class RigLConfigError(ValueError):
+    """A ``"rigl"`` block that cannot be trained with; the message names every bad key."""
+
+
+class MaskGroupSplit(BaseModel):
+    """Split one weight into ``blocks`` equal mask groups along ``axis`` (fused Q/K/V, RNN gates)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    axis: int = Field(ge=0)
+    blocks: int = Field(ge=1)
+
+
+class RigLConfig(BaseModel):
+    """Settings of one sparse-training run. Defaults are the RigL paper's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    method: Literal["static", "set", "rigl", "snfs", "gmp"] = "rigl"
+    sparsity: float = 0.9
+    distribution: Literal["uniform", "er", "erk", "global"] = "erk"
+    erk_power_scale: float = Field(default=1.0, gt=0.0)
+    dense_layers: List[str] = Field(default_factory=list)
+    custom_sparsity: Dict[str, float] = Field(default_factory=dict)
+    modules: Optional[List[str]] = None
+    mask_groups: Dict[str, MaskGroupSplit] = Field(default_factory=dict)
+    delta_t: int = Field(default=100, ge=1)
+    alpha: float = Field(default=0.3, gt=0.0, le=1.0)
+    begin_step: int = Field(default=0, ge=0)
+    end_step: Optional[int] = Field(default=None, ge=0)
+    end_fraction: float = Field(default=0.75, gt=0.0, le=1.0)
+    drop_fraction_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    grow_init: Literal["zeros", "random_normal"] = "zeros"
+    skip_optimizer_step_on_update: Optional[bool] = None
+    grad_ema_decay: float = Field(default=0.9, ge=0.0, lt=1.0)
+    initial_sparsity: float = 0.0
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("sparsity", "initial_sparsity")
+    @classmethod
+    def _fraction_below_one(cls, value: float) -> float:
+        if not (0.0 <= value < 1.0) or math.isnan(value):
+            raise ValueError("must be in [0, 1)")
+        return value
+
+    @field_validator("custom_sparsity")
+    @classmethod
+    def _custom_values(cls, value: Dict[str, float]) -> Dict[str, float]:
+        bad = {k: v for k, v in value.items() if not (0.0 <= v < 1.0)}
+        if bad:
+            raise ValueError(f"sparsities must be in [0, 1); bad entries: {bad}")
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _non_empty_patterns(cls, value: Optional[List[str]]) -> Optional[List[str]]:
+        if value is not None and (not value or any(not p for p in value)):
+            raise ValueError("must be a non-empty list of non-empty name patterns, or null for the default")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RigLConfig":
+        if self.end_step is not None and "end_fraction" in self.model_fields_set:
+            raise ValueError("set either end_step or end_fraction, not both")
+        if self.end_step is not None and self.end_step <= self.begin_step and self.method != "static":
+            raise ValueError(f"end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})")
+        both = set(self.dense_layers) & set(self.custom_sparsity)
+        if both:
+            raise ValueError(f"layers both in dense_layers and custom_sparsity: {sorted(both)}")
+        if self.method == "gmp" and self.initial_sparsity > self.sparsity:
+            raise ValueError(
+                f"initial_sparsity ({self.initial_sparsity}) must not exceed sparsity ({self.sparsity}) for method gmp"
+            )
+        if self.method != "gmp" and "initial_sparsity" in self.model_fields_set:
+            raise ValueError("initial_sparsity is a setting of method 'gmp' only")
+        return self
+
+    @property
+    def skip_step_on_update(self) -> bool:
+        """The reference skips the optimizer step on RigL update steps only; SET/SNFS/GMP step first."""
+        if self.skip_optimizer_step_on_update is None:
+            return self.method == "rigl"
+        return self.skip_optimizer_step_on_update
+
+    def resolve_end_step(self, total_steps: Optional[int]) -> Optional[int]:
+        """The last step at which masks may change; needs ``total_steps`` when only end_fraction is set."""
+        if self.end_step is not None:
+            return self.end_step
+        if self.method == "static":
+            return None
+        if total_steps is None:
+            raise RigLConfigError(
+                "rigl.end_step: not set, and rigl.end_fraction needs the total number of training steps; "
+                "pass total_steps or set rigl.end_step"
+            )
+        if total_steps <= 0:
+            raise RigLConfigError(f"total_steps must be a positive number of optimizer steps, got {total_steps}")
+        end = int(self.end_fraction * total_steps)
+        if end <= self.begin_step:
+            raise RigLConfigError(
+                f"rigl.end_fraction: {self.end_fraction} of {total_steps} steps ends at step {end}, "
+                f"not after rigl.begin_step ({self.begin_step})"
+            )
+        return end
+
+
+ConfigLike = Union[RigLConfig, Mapping[str, Any], str, Path, None]
+
+
+def _format_errors(err: ValidationError) -> str:
+    allowed_keys = ", ".join(RigLConfig.model_fields)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        key = f"rigl.{loc}" if loc else "rigl"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; allowed keys: {allowed_keys}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error" and e["loc"][0] in ("method", "distribution", "drop_fraction_schedule", "grow_init"):
+            allowed = {
+                "method": METHOD_NAMES,
+                "distribution": DISTRIBUTIONS,
+                "drop_fraction_schedule": DROP_FRACTION_SCHEDULES,
+                "grow_init": GROW_INITS,
+            }[e["loc"][0]]
+            msg = f"allowed values: {', '.join(allowed)}"
+        got = e.get("input")
+        lines.append(f"{key}: {msg} (got {got!r})" if e["type"] != "missing" else f"{key}: {msg}")
+    return "invalid \"rigl\" config block:\n  " + "\n  ".join(lines)
+
+
+def load_config(config: ConfigLike = None) -> RigLConfig:
+    """Accepts a RigLConfig, the ``"rigl"`` block as a dict, a whole DeepSpeed config dict
+    (with a ``"rigl"`` key), or a path to a JSON file of either kind."""
+    if isinstance(config, RigLConfig):
+        return config
+    if config is None:
+        config = {}
+    if isinstance(config, (str, Path)):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RigLConfigError(f"cannot read rigl config from {config}: {exc}") from exc
+    if not isinstance(config, Mapping):
+        raise RigLConfigError(f"rigl config must be a dict, a JSON path or a RigLConfig, got {type(config).__name__}")
+    if "rigl" in config:
+        config = config["rigl"]
+        if not isinstance(config, Mapping):
+            raise RigLConfigError(f"rigl: must be a JSON object, got {type(config).__name__}")
+    try:
+        return RigLConfig.model_validate(dict(config))
+    except ValidationError as exc:
+        raise RigLConfigError(_format_errors(exc)) from None

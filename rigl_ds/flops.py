@@ -1,0 +1,133 @@
+"""FLOPs of a model at its current masks, and of training it with each method, as in the paper.
+
+Counts the multiply-adds of parameterised layers (Linear, GPT-2 Conv1D, convolutions, RNN gate
+matrices and the output head): 2 FLOPs per weight entry per use, a sparse layer scaled by its
+density. Attention score/value products, norms and activations are not counted (the paper's
+accounting is for weight layers too); they are the same for every method, so ratios to dense
+are, if anything, conservative for attention-heavy models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+_RNN_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
+
+
+def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
+    """Runs one forward pass and returns, per weight name, how many times each entry is used
+    (rows for Linear/Conv1D, output positions for conv, timesteps x batch for RNNs)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses: Dict[str, int] = {}
+    hooks = []
+
+    def record(module: nn.Module, inputs, output) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(module, nn.RNNBase):
+            if not isinstance(x, torch.Tensor):  # PackedSequence: every packed row is one timestep of one sequence
+                rows = int(x.data.shape[0])
+            else:
+                rows = x.numel() // module.input_size
+            for pname, p in module.named_parameters(recurse=False):
+                if pname.startswith(_RNN_WEIGHT_PREFIXES):
+                    uses[names[id(p)]] = uses.get(names[id(p)], 0) + rows
+            return
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) not in names:
+            return
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            n = output.numel() // module.out_channels
+        elif isinstance(module, nn.Linear):
+            n = x.numel() // module.in_features
+        elif type(module).__name__ == "Conv1D":  # GPT-2: weight (in, out)
+            n = x.numel() // weight.shape[0]
+        else:
+            return
+        uses[names[id(weight)]] = uses.get(names[id(weight)], 0) + n
+
+    for module in model.modules():
+        hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return uses
+
+
+def forward_flops(numels: Mapping[str, int], uses: Mapping[str, int], densities: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """Per-layer forward FLOPs: 2 * N * uses * density (density 1 for layers not listed)."""
+    densities = densities or {}
+    return {n: 2.0 * numels[n] * u * densities.get(n, 1.0) for n, u in uses.items()}
+
+
+def training_flops_per_step(method: str, f_sparse: float, f_dense: float, update_step: bool) -> float:
+    """One training step: forward, backward to inputs and backward to weights (3 forwards' worth)."""
+    if method == "dense":
+        return 3.0 * f_dense
+    if method == "snfs":
+        return 2.0 * f_sparse + f_dense  # dense gradient every step for the moving average
+    if method == "rigl" and update_step:
+        return 2.0 * f_sparse + f_dense  # dense gradient on update steps only
+    return 3.0 * f_sparse  # static, set, rigl between updates, gmp at its current sparsity
+
+
+def expected_training_flops(method: str, f_sparse: float, f_dense: float, delta_t: int = 100) -> float:
+    """The paper's per-example training cost (GMP: use ``TrainingFlops`` to average over its schedule)."""
+    if method == "rigl":
+        return (3.0 * f_sparse * delta_t + 2.0 * f_sparse + f_dense) / (delta_t + 1)
+    return training_flops_per_step(method, f_sparse, f_dense, False)
+
+
+@dataclass
+class FlopsReport:
+    """Per-example figures at the current masks."""
+
+    per_layer_dense: Dict[str, float]
+    per_layer_sparse: Dict[str, float]
+    inference_dense: float
+    inference_sparse: float
+    training_per_example: float  # expected per-step cost of the method at these masks
+    training_multiplier: float  # training_per_example / dense training (3 f_D)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "inference_dense": self.inference_dense,
+            "inference_sparse": self.inference_sparse,
+            "inference_multiplier": self.inference_sparse / self.inference_dense if self.inference_dense else 0.0,
+            "training_per_example": self.training_per_example,
+            "training_multiplier": self.training_multiplier,
+        }
+
+
+def flops_report(
+    numels: Mapping[str, int], uses_per_example: Mapping[str, float], densities: Mapping[str, float], method: str, delta_t: int
+) -> FlopsReport:
+    dense = forward_flops(numels, uses_per_example)
+    sparse = forward_flops(numels, uses_per_example, densities)
+    f_d, f_s = sum(dense.values()), sum(sparse.values())
+    train = expected_training_flops(method, f_s, f_d, delta_t)
+    return FlopsReport(dense, sparse, f_d, f_s, train, train / (3.0 * f_d) if f_d else 0.0)
+
+
+@dataclass
+class TrainingFlops:
+    """Training FLOPs actually spent, step by step (GMP's average over its schedule falls out of it)."""
+
+    total: float = 0.0
+    dense_equivalent: float = 0.0
+    steps: int = 0
+
+    def add(self, method: str, f_sparse: float, f_dense: float, update_step: bool, examples: int = 1) -> None:
+        self.total += examples * training_flops_per_step(method, f_sparse, f_dense, update_step)
+        self.dense_equivalent += examples * 3.0 * f_dense
+        self.steps += 1
+
+    @property
+    def multiplier(self) -> float:
+        return self.total / self.dense_equivalent if self.dense_equivalent else 0.0

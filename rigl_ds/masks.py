@@ -1,0 +1,191 @@
+"""Mask operations over shards: initialise, drop/grow, prune, and keep masked entries at zero.
+
+Written once for any storage view: every count is reduced through ``Collectives`` and every
+selection goes through its exact top-k, so a shard never needs another rank's entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import keyed_random
+from .shards import Collectives, Shard
+
+
+@dataclass
+class UpdateStats:
+    """What one mask update changed, summed over all layers and ranks."""
+
+    step: int
+    drop_fraction: float
+    dropped: int = 0  # active before, inactive after
+    grown: int = 0  # inactive before, active after (weight and state start per grow_init / zero)
+    regrown: int = 0  # chosen by drop, then grown again in the same update: keeps weight and state
+    n_active: int = 0
+
+
+def pool_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int) -> torch.Tensor:
+    """Global active entries per pool (int64), one all_reduce for all layers."""
+    device = shards[0].mask.device if shards else torch.device("cpu")
+    local = torch.zeros(n_pools, dtype=torch.long, device=device)
+    for s in shards:
+        if len(set(s.layer.pools)) == 1:
+            local[s.layer.pools[0]] += s.mask.sum()
+        else:
+            local += torch.bincount(s.pool_ids()[s.mask], minlength=n_pools)
+    return comm.all_reduce_sum(local)
+
+
+def check_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int, expected: torch.Tensor, what: str) -> None:
+    """Fails loudly when any pool's active count drifted from ``expected``."""
+    got = pool_counts(shards, comm, n_pools).cpu()
+    expected = expected.cpu()
+    if not torch.equal(got, expected):
+        bad = (got != expected).nonzero().flatten().tolist()[:5]
+        raise RuntimeError(
+            f"{what}: active counts drifted in pools {bad}: expected {expected[bad].tolist()}, got {got[bad].tolist()}"
+        )
+
+
+def init_masks(
+    shards: Sequence[Shard], comm: Collectives, n_pools: int, targets: torch.Tensor, seed: int, by_magnitude: bool
+) -> None:
+    """Exact counts per pool, placed by keyed random scores (a seeded random subset that any
+    partition reproduces) or, for the global distribution, by initial weight magnitude."""
+    sizes = torch.zeros(n_pools, dtype=torch.long)
+    for s in shards:
+        sizes += torch.bincount(s.pool_ids().cpu(), minlength=n_pools)
+    sizes = comm.all_reduce_sum(sizes.to(shards[0].mask.device)).cpu() if shards else sizes
+    if bool((targets == sizes).all()):
+        new = [torch.ones_like(s.mask) for s in shards]
+    else:
+        if by_magnitude:
+            scores = [s.weight.detach().abs().float() for s in shards]
+        else:
+            scores = [keyed_random.uniform(keyed_random.derive_key(seed, "init", s.layer.name), s.global_indices()) for s in shards]
+        new = comm.select_topk(scores, [s.pool_ids() for s in shards], targets, None, shards)
+    for s, m in zip(shards, new):
+        s.mask.copy_(m)
+    apply_masks(shards, with_optimizer_state=True)
+    check_counts(shards, comm, n_pools, targets, "mask initialisation")
+
+
+def apply_masks(shards: Sequence[Shard], with_optimizer_state: bool = False) -> None:
+    """Masked entries exactly zero in the weight (every copy) and, on request, the optimizer state."""
+    for s in shards:
+        off = ~s.mask
+        s.weight.masked_fill_(off, 0)
+        for copy in s.extra_copies():
+            copy.masked_fill_(off, 0)
+        if with_optimizer_state:
+            for state in s.optimizer_states():
+                state.masked_fill_(off, 0)
+
+
+def mask_gradients(shards: Sequence[Shard]) -> None:
+    """Zero the gradients of masked entries before the step, so no momentum leaks into them."""
+    for s in shards:
+        g = s.grad()
+        if g is not None:
+            g.masked_fill_(~s.mask, 0)
+
+
+def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
+    """True when every rank's gradients of masked layers are finite (missing gradients count as finite)."""
+    bad = torch.zeros(1, dtype=torch.long, device=shards[0].mask.device if shards else None)
+    for s in shards:
+        g = s.grad()
+        if g is not None and not bool(torch.isfinite(g).all()):
+            bad += 1
+    return int(comm.all_reduce_sum(bad).item()) == 0
+
+
+def _layer_std(shards: Sequence[Shard], comm: Collectives) -> List[float]:
+    """Std of each whole layer (zeros included), as the reference's random_normal grow init uses."""
+    stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=shards[0].mask.device)
+    for i, s in enumerate(shards):
+        w = s.weight.detach().double()
+        stats[i] = torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(s.numel), dtype=torch.float64, device=w.device)])
+    stats = comm.all_reduce_sum(stats).cpu()
+    mean = stats[:, 0] / stats[:, 2]
+    var = (stats[:, 1] / stats[:, 2] - mean * mean).clamp_min(0)
+    return var.sqrt().tolist()
+
+
+def commit_masks(
+    shards: Sequence[Shard],
+    comm: Collectives,
+    new_masks: Sequence[torch.Tensor],
+    stats: UpdateStats,
+    grow_init: str = "zeros",
+    grow_key: Optional[Callable[[Shard], int]] = None,
+    chosen_to_drop: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """Installs new masks. Entries inactive before and active now start at the grow-init value with
+    zero optimizer state; entries that leave the mask become zero in weight and state; entries
+    active before and after keep both, even if the drop step chose them first."""
+    stds = _layer_std(shards, comm) if grow_init == "random_normal" else None
+    counts = torch.zeros(3, dtype=torch.long, device=shards[0].mask.device)
+    for i, (s, new) in enumerate(zip(shards, new_masks)):
+        old = s.mask
+        grown = new & ~old
+        dropped = old & ~new
+        if grow_init == "random_normal" and bool(grown.any()):
+            values = keyed_random.normal(grow_key(s), s.global_indices()) * stds[i]
+            s.weight.copy_(torch.where(grown, values.to(s.weight.dtype), s.weight))
+        else:
+            s.weight.masked_fill_(grown, 0)
+        s.weight.masked_fill_(dropped, 0)
+        reset = grown | dropped
+        for state in s.optimizer_states():
+            state.masked_fill_(reset, 0)
+        for copy in s.extra_copies():
+            copy.copy_(torch.where(new, s.weight.to(copy.dtype), torch.zeros_like(copy)))
+        counts[0] += dropped.sum()
+        counts[1] += grown.sum()
+        if chosen_to_drop is not None:
+            counts[2] += (chosen_to_drop[i] & new).sum()
+        s.mask.copy_(new)
+    counts = comm.all_reduce_sum(counts).tolist()
+    stats.dropped, stats.grown, stats.regrown = counts
+
+
+def drop_and_grow(
+    shards: Sequence[Shard],
+    comm: Collectives,
+    n_pools: int,
+    step: int,
+    drop_fraction: float,
+    grow_scores: Sequence[torch.Tensor],
+    grow_init: str = "zeros",
+    grow_key: Optional[Callable[[Shard], int]] = None,
+) -> UpdateStats:
+    """One update (rigl/sparse_optimizers_base.py _get_update_op), per pool: k = int(f * n_active);
+    keep the n_active - k active entries of largest |w| (inactive entries are never kept); grow the
+    k entries of largest grow score among all entries not kept, the just-dropped ones included."""
+    n_active = pool_counts(shards, comm, n_pools).cpu()
+    k = torch.tensor([int(drop_fraction * n) for n in n_active.tolist()], dtype=torch.long)
+    pools = [s.pool_ids() for s in shards]
+    keep = comm.select_topk([s.weight.detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards)
+    grow = comm.select_topk(grow_scores, pools, k, [~kp for kp in keep], shards)
+    stats = UpdateStats(step=step, drop_fraction=drop_fraction, n_active=int(n_active.sum()))
+    chosen_to_drop = [s.mask & ~kp for s, kp in zip(shards, keep)]
+    commit_masks(shards, comm, [kp | g for kp, g in zip(keep, grow)], stats, grow_init, grow_key, chosen_to_drop)
+    check_counts(shards, comm, n_pools, n_active, f"mask update at step {step}")
+    return stats
+
+
+def prune_to(shards: Sequence[Shard], comm: Collectives, n_pools: int, step: int, targets: torch.Tensor) -> UpdateStats:
+    """Magnitude pruning (GMP): keep the ``targets[p]`` active entries of largest |w| in each pool."""
+    n_active = pool_counts(shards, comm, n_pools).cpu()
+    targets = torch.minimum(targets, n_active)  # pruning never grows
+    keep = comm.select_topk(
+        [s.weight.detach().abs() for s in shards], [s.pool_ids() for s in shards], targets, [s.mask for s in shards], shards
+    )
+    stats = UpdateStats(step=step, drop_fraction=0.0, n_active=int(targets.sum()))
+    commit_masks(shards, comm, keep, stats)
+    check_counts(shards, comm, n_pools, targets, f"pruning at step {step}")
+    return stats

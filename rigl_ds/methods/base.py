@@ -1,0 +1,93 @@
+"""What every method shares: the update schedule, state hooks and the generic drop/grow update."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import keyed_random, schedules
+from ..config import RigLConfig
+from ..masks import UpdateStats, drop_and_grow
+from ..plan import SparsityPlan
+from ..shards import Collectives, Shard
+
+
+class SparseMethod:
+    """A sparse-training method: when masks change and how. Subclasses say only what differs."""
+
+    name: ClassVar[str] = ""
+    #: Masks ever change after initialisation.
+    updates_masks: ClassVar[bool] = True
+    #: The update scores growth with this step's gradients, so it runs before the optimizer step.
+    update_before_step: ClassVar[bool] = False
+    #: Reads dense gradients at updates (non-finite gradients then skip the update).
+    uses_gradients: ClassVar[bool] = False
+    #: Reads the dense gradients on every step (SNFS's moving average), not only at updates.
+    tracks_gradients: ClassVar[bool] = False
+
+    def __init__(self, config: RigLConfig, plan: SparsityPlan, end_step: Optional[int]):
+        self.config = config
+        self.plan = plan
+        self.end_step = end_step
+
+    @property
+    def initial_sparsity(self) -> float:
+        return self.config.sparsity
+
+    def is_update_step(self, step: int, last_update: int) -> bool:
+        if not self.updates_masks:
+            return False
+        return schedules.is_update_step(step, last_update, self.config.begin_step, self.end_step, self.config.delta_t)
+
+    def observe_gradients(self, shards: Sequence[Shard], step: int) -> None:
+        """Called every step with the dense gradients, before masked entries are zeroed."""
+
+    def update(self, shards: Sequence[Shard], comm: Collectives, step: int) -> UpdateStats:
+        raise NotImplementedError
+
+    def drop_fraction(self, step: int) -> float:
+        return 0.0
+
+    def state_dict(self, shards: Sequence[Shard]) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor], shards: Sequence[Shard]) -> None:
+        pass
+
+
+class DropGrowMethod(SparseMethod):
+    """Drop the smallest-magnitude active weights, grow the entries of largest ``grow_scores``."""
+
+    def drop_fraction(self, step: int) -> float:
+        c = self.config
+        return schedules.drop_fraction(step, c.alpha, c.begin_step, self.end_step, c.drop_fraction_schedule)
+
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def update(self, shards: Sequence[Shard], comm: Collectives, step: int) -> UpdateStats:
+        seed = self.config.seed
+        return drop_and_grow(
+            shards,
+            comm,
+            self.plan.n_pools,
+            step,
+            self.drop_fraction(step),
+            self.grow_scores(shards, step),
+            self.config.grow_init,
+            grow_key=lambda s: keyed_random.derive_key(seed, "grow_init", s.layer.name, step),
+        )
+
+
+def dense_gradients(shards: Sequence[Shard], method: str, step: int) -> List[torch.Tensor]:
+    grads = []
+    for s in shards:
+        g = s.grad()
+        if g is None:
+            raise RuntimeError(
+                f"{method} update at step {step}: {s.layer.name} has no gradient; "
+                "call backward() before the optimizer step"
+            )
+        grads.append(g)
+    return grads

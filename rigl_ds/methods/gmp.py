@@ -1,0 +1,24 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017): dense-to-sparse, every delta_t steps prune by
+magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))**3, distributed over layers as configured."""
+
+from typing import Sequence
+
+from .. import schedules
+from ..masks import UpdateStats, prune_to
+from ..shards import Collectives, Shard
+from .base import SparseMethod
+
+
+class GMPMethod(SparseMethod):
+    name = "gmp"
+
+    @property
+    def initial_sparsity(self) -> float:
+        return self.config.initial_sparsity
+
+    def sparsity_at(self, step: int) -> float:
+        c = self.config
+        return schedules.gmp_sparsity(step, c.sparsity, c.initial_sparsity, c.begin_step, self.end_step)
+
+    def update(self, shards: Sequence[Shard], comm: Collectives, step: int) -> UpdateStats:
+        return prune_to(shards, comm, self.plan.n_pools, step, self.plan.targets(self.sparsity_at(step)))

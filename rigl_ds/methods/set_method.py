@@ -1,0 +1,18 @@
+"""SET (Mocanu et al. 2018): grow uniformly at random, keyed by (seed, layer, step, global index)
+so every rank and every world size draws the same scores."""
+
+from typing import List, Sequence
+
+import torch
+
+from .. import keyed_random
+from ..shards import Shard
+from .base import DropGrowMethod
+
+
+class SETMethod(DropGrowMethod):
+    name = "set"
+
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
+        seed = self.config.seed
+        return [keyed_random.uniform(keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices()) for s in shards]

@@ -1,0 +1,42 @@
+"""SNFS (Dettmers & Zettlemoyer 2019), as in the RigL paper's comparison: grow where the
+exponential moving average of the dense gradient (decay ``grad_ema_decay``) is largest."""
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..shards import Shard
+from .base import DropGrowMethod, dense_gradients
+
+
+class SNFSMethod(DropGrowMethod):
+    name = "snfs"
+    uses_gradients = True
+    tracks_gradients = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ema: Dict[str, torch.Tensor] = {}
+
+    def observe_gradients(self, shards: Sequence[Shard], step: int) -> None:
+        decay = self.config.grad_ema_decay
+        for s, g in zip(shards, dense_gradients(shards, self.name, step)):
+            ema = self._ema.get(s.layer.name)
+            if ema is None:
+                ema = self._ema[s.layer.name] = torch.zeros(s.numel, dtype=torch.float32, device=g.device)
+            ema.mul_(decay).add_(g.float(), alpha=1.0 - decay)
+
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
+        return [self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel) for s in shards]
+
+    def state_dict(self, shards: Sequence[Shard]) -> Dict[str, torch.Tensor]:
+        return {f"grad_ema.{name}": t.clone() for name, t in self._ema.items()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor], shards: Sequence[Shard]) -> None:
+        by_name = {s.layer.name: s for s in shards}
+        self._ema = {}
+        for key, value in state.items():
+            name = key.removeprefix("grad_ema.")
+            if name not in by_name or value.numel() != by_name[name].numel:
+                raise ValueError(f"SNFS state {key!r} does not fit this model's shards")
+            self._ema[name] = value.to(torch.float32).clone()

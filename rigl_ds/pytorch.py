@@ -1,0 +1,119 @@
+"""Plain-PyTorch entry point: any model, any torch optimizer, the same ``"rigl"`` config.
+
+It is what users without DeepSpeed run, and the single-process reference the distributed paths
+are checked against::
+
+    sparse = rigl_ds.sparsify(model, optimizer, {"method": "rigl", "sparsity": 0.9}, total_steps=1000)
+    for batch in loader:
+        loss = model(batch).loss
+        loss.backward()
+        sparse.step()            # in place of optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
+from .controller import SparseController
+from .flops import FlopsReport, TrainingFlops, flops_report, weight_uses
+from .layers import find_sparse_weights
+from .plan import build_plan
+from .shards import LocalCollectives, WholeTensorShard
+
+
+class SparseTraining:
+    """Masks, schedule and updates for one model and its optimizer in a single process."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ConfigLike = None, total_steps: Optional[int] = None):
+        self.config: RigLConfig = load_config(config)
+        self.model = model
+        self.optimizer = optimizer
+        try:
+            weights = find_sparse_weights(model, self.config.modules)
+            plan = build_plan(self.config, {n: tuple(p.shape) for n, p in weights.items()})
+        except ValueError as exc:
+            raise RigLConfigError(str(exc)) from None
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        absent = [layer.name for layer in plan.layers if id(weights[layer.name]) not in in_optimizer]
+        if absent:
+            raise ValueError(f"masked weights are not in the optimizer's param_groups: {absent[:5]}")
+        self.plan = plan
+        self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
+        self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
+        self.controller.initialize_masks()
+        self._uses: Optional[Dict[str, float]] = None
+        self._report: Optional[FlopsReport] = None
+        self._examples = 1
+        self.training_flops = TrainingFlops()
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Replaces ``optimizer.step()``: masks gradients, steps (unless this update skips it), keeps
+        masked weights at zero and updates masks on schedule."""
+        run = self.controller.before_step()
+        loss = None
+        if run:
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.controller.after_step(run)
+        if self._uses is not None:
+            if self._report is None or self.controller.was_update_step:
+                self._report = self.flops()  # densities change only at updates
+            report = self._report
+            self.training_flops.add(
+                self.config.method, report.inference_sparse, report.inference_dense, self.controller.was_update_step, self._examples
+            )
+        return loss
+
+    # -- what users read -----------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self.controller.step
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """Boolean masks in the weights' shapes (views of the live masks)."""
+        return {s.layer.name: s.mask.view(s.layer.shape) for s in self.shards}
+
+    def layer_report(self) -> List[Dict[str, Any]]:
+        return self.controller.layer_report()
+
+    def drop_fraction(self) -> float:
+        return self.controller.method.drop_fraction(self.controller.step)
+
+    def measure_flops(self, *example_args: Any, examples: int = 1, **example_kwargs: Any) -> FlopsReport:
+        """Records how often each weight is used per example (one forward on the given inputs, whose
+        batch holds ``examples`` examples), then accounts FLOPs at every later step."""
+        uses = weight_uses(self.model, *example_args, **example_kwargs)
+        self._uses = {n: u / examples for n, u in uses.items()}
+        self._examples = examples
+        self._report = self.flops()
+        return self._report
+
+    def flops(self) -> FlopsReport:
+        """Per-example inference and training FLOPs at the current masks, against dense."""
+        if self._uses is None:
+            raise RuntimeError("call measure_flops(example_inputs) first")
+        numels = {n: p.numel() for n, p in self.model.named_parameters()}
+        densities = {r["name"]: 1.0 - r["sparsity"] for r in self.layer_report()}
+        return flops_report(numels, self._uses, densities, self.config.method, self.config.delta_t)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores masks and schedule; load the model and optimizer state dicts first."""
+        self.controller.load_state_dict(state)
+
+
+def sparsify(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: ConfigLike = None, total_steps: Optional[int] = None
+) -> SparseTraining:
+    """Makes ``model`` sparse under ``config`` (a ``"rigl"`` block, a DeepSpeed config holding one,
+    or a JSON path): masks are initialised now, and ``.step()`` replaces ``optimizer.step()``.
+    ``total_steps`` (optimizer steps) is needed when the block sets ``end_fraction`` but not ``end_step``."""
+    return SparseTraining(model, optimizer, config, total_steps)

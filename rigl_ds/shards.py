@@ -1,0 +1,108 @@
+"""Storage views: what one process holds of each masked layer, and how processes agree.
+
+The method code runs over ``Shard`` objects and a ``Collectives`` object only. The plain-PyTorch
+path uses ``WholeTensorShard`` (offset 0, the whole weight) and ``LocalCollectives`` (no-op
+reductions, exact sort-based top-k); the sharded DeepSpeed path supplies views onto ZeRO
+partitions and collective-based selection, and the same method code runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .plan import LayerPlan
+from .topk import select_topk
+
+
+class Shard:
+    """The contiguous global range [offset, offset + numel) of one masked layer held here."""
+
+    def __init__(self, layer: LayerPlan, offset: int, numel: int, device: torch.device):
+        if offset < 0 or offset + numel > layer.numel:
+            raise ValueError(f"{layer.name}: shard [{offset}, {offset + numel}) outside the layer's {layer.numel} entries")
+        self.layer = layer
+        self.offset = offset
+        self.numel = numel
+        self.mask = torch.ones(numel, dtype=torch.bool, device=device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Live 1-D view of the master copy of this range (writes go to the model)."""
+        raise NotImplementedError
+
+    def grad(self) -> Optional[torch.Tensor]:
+        """Live 1-D view of the (data-parallel reduced) dense gradient, or None before backward."""
+        raise NotImplementedError
+
+    def optimizer_states(self) -> List[torch.Tensor]:
+        """Live 1-D views of every per-entry optimizer state (momentum, Adam moments)."""
+        raise NotImplementedError
+
+    def extra_copies(self) -> List[torch.Tensor]:
+        """Other live copies of the weight (low precision) that must hold the same zeros."""
+        return []
+
+    def global_indices(self) -> torch.Tensor:
+        return torch.arange(self.offset, self.offset + self.numel, device=self.mask.device)
+
+    def pool_ids(self) -> torch.Tensor:
+        return self.layer.pool_ids(self.global_indices())
+
+
+class WholeTensorShard(Shard):
+    """The whole parameter of a plain-PyTorch model, with its torch optimizer's state."""
+
+    def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer: Optional[torch.optim.Optimizer]):
+        if tuple(param.shape) != layer.shape:
+            raise ValueError(f"{layer.name}: parameter shape {tuple(param.shape)} differs from the plan's {layer.shape}")
+        if not param.is_contiguous():
+            raise ValueError(f"{layer.name}: masked parameters must be contiguous")
+        super().__init__(layer, 0, param.numel(), param.device)
+        self.param = param
+        self.optimizer = optimizer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.param.data.view(-1)
+
+    def grad(self) -> Optional[torch.Tensor]:
+        return None if self.param.grad is None else self.param.grad.view(-1)
+
+    def optimizer_states(self) -> List[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(self.param, {})
+        return [
+            v.view(-1)
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.shape == self.param.shape and v.is_floating_point()
+        ]
+
+
+class Collectives:
+    """Reductions and exact selection across the processes that share the layers."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select_topk(
+        self,
+        scores: Sequence[torch.Tensor],
+        pools: Sequence[torch.Tensor],
+        k: torch.Tensor,
+        eligible: Optional[Sequence[torch.Tensor]] = None,
+        shards: Optional[Sequence[Shard]] = None,
+    ) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+
+class LocalCollectives(Collectives):
+    """One process holding whole tensors: reductions are identities, selection is the sort reference."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def select_topk(self, scores, pools, k, eligible=None, shards=None):
+        return select_topk(scores, pools, k, eligible)

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rigl_ds",
+    version="0.1.0",
+    description="Sparse training from scratch (RigL and baselines) for PyTorch and DeepSpeed, masks sharded with ZeRO",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["rigl_ds", "rigl_ds.*"]),
+    package_data={"rigl_ds.corpus": ["kjv.txt.xz", "kjv.json", "kjv.sha256", "README.md", "make_kjv.sh"]},
+    python_requires=">=3.10",
+    # Ranges verified together: torch 2.13.0 (CPU) + deepspeed 0.19.8 + transformers 5.24.0 + datasets 5.2.0
+    # + accelerate 1.15.0 here; torch 2.11 / transformers 5.17 are what the GPU machines carry.
+    # Install torch first (pip install torch==2.13.0 on CPU), or pip pulls a CUDA build.
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5.17,<6",
+        "datasets>=5.2,<6",
+        "accelerate>=1.15,<2",
+        "pydantic>=2.10,<3",
+        "tqdm>=4.66",
+    ],
+    extras_require={"test": ["pytest>=9.2,<10", "hypothesis>=6.100,<7"]},
+)
