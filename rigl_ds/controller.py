@@ -72,11 +72,13 @@ class SparseController:
             finite = gradients_finite(self.shards, self.comm)
         if finite and method.tracks_gradients:
             method.observe_gradients(self.shards, t)
+        self._is_update_step = update and finite
         if update and not finite:
+            # Change nothing (no mask update, no optimizer step), as a loss scaler would; the
+            # update rule retries on the next step.
             self.skipped_updates += 1
-            logger.warning("rigl_ds: non-finite gradients at update step %d; mask update skipped", t)
-            update = False
-        self._is_update_step = update
+            logger.warning("rigl_ds: non-finite gradients at update step %d; update and optimizer step skipped", t)
+            return False
         run_step = True
         if update:
             skip = self.config.skip_step_on_update

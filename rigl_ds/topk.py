@@ -60,23 +60,24 @@ def select_topk(
             s = torch.where(e, s, torch.full_like(s, float("-inf")))
         else:
             e = torch.ones_like(p, dtype=torch.bool)
-        n_eligible = torch.bincount(p[e], minlength=k.numel())
-        short = (n_eligible < k) & (torch.bincount(p, minlength=k.numel()) > 0)
+        n_eligible = torch.bincount(p, weights=e.to(torch.float64), minlength=k.numel()).long().cpu()
+        short = (n_eligible < k) & (torch.bincount(p, minlength=k.numel()).cpu() > 0)
         if short.any():
             bad = short.nonzero().flatten().tolist()[:5]
             raise ValueError(
                 f"pools {bad} have fewer eligible entries ({n_eligible[bad].tolist()}) than k ({k[bad].tolist()})"
             )
+        # index_select/scatter_ rather than advanced indexing: several times faster on CPU.
         order = torch.argsort(s, descending=True, stable=True)
-        p_sorted = p[order]
+        p_sorted = p.index_select(0, order)
         if p.numel() and bool((p != p[0]).any()):
             by_pool = torch.argsort(p_sorted, stable=True)
-            order, p_sorted = order[by_pool], p_sorted[by_pool]
+            order, p_sorted = order.index_select(0, by_pool), p_sorted.index_select(0, by_pool)
         counts = torch.bincount(p_sorted, minlength=k.numel())
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(p_sorted.numel()) - starts[p_sorted]
-        chosen = torch.zeros_like(p, dtype=torch.bool)
-        chosen[order] = rank < k[p_sorted]
+        rank = torch.arange(p_sorted.numel(), device=p.device) - starts.index_select(0, p_sorted)
+        k_dev = k.to(p.device)
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(0, order, rank < k_dev.index_select(0, p_sorted))
         for i, part in zip(comp, torch.split(chosen, [scores[i].numel() for i in comp])):
             out[i] = part.view(scores[i].shape)
     return out  # type: ignore[return-value]
