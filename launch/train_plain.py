@@ -70,8 +70,11 @@ def bits_per_char(model: nn.Module, data: torch.Tensor, seq: int, limit: int) ->
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rigl", default='{"method": "rigl", "sparsity": 0.9, "distribution": "erk", "delta_t": 50}',
-                   help="the \"rigl\" block as JSON, or a path to a JSON file (a DeepSpeed config with a rigl block works too)")
+    p.add_argument(
+        "--rigl",
+        default='{"method": "rigl", "sparsity": 0.9, "distribution": "erk", "delta_t": 50}',
+        help='the "rigl" block as JSON, or a path to a JSON file (a DeepSpeed config with a rigl block works too)',
+    )
     p.add_argument("--dense", action="store_true", help="train the dense model (no rigl block)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
@@ -100,7 +103,8 @@ def main(argv=None) -> dict:
         sparse = rigl_ds.sparsify(model, optimizer, block, total_steps=args.steps)
         x0, _ = next(batches(train, args.batch, args.seq, torch.Generator().manual_seed(0)))
         report = sparse.measure_flops(x0, examples=args.batch * args.seq)
-        print(f"masked layers: {len(sparse.masks)}; inference FLOPs {report.inference_sparse / report.inference_dense:.3f}x dense")
+        ratio = report.inference_sparse / report.inference_dense
+        print(f"masked layers: {len(sparse.masks)}; inference FLOPs {ratio:.3f}x dense")
     stepper = sparse.step if sparse else optimizer.step
 
     data = batches(train, args.batch, args.seq, torch.Generator().manual_seed(args.seed + 1))

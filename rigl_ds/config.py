@@ -137,7 +137,12 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{key}: unknown key; allowed keys: {allowed_keys}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "literal_error" and e["loc"][0] in ("method", "distribution", "drop_fraction_schedule", "grow_init"):
+        if e["type"] == "literal_error" and e["loc"][0] in (
+            "method",
+            "distribution",
+            "drop_fraction_schedule",
+            "grow_init",
+        ):
             allowed = {
                 "method": METHOD_NAMES,
                 "distribution": DISTRIBUTIONS,
@@ -147,7 +152,7 @@ def _format_errors(err: ValidationError) -> str:
             msg = f"allowed values: {', '.join(allowed)}"
         got = e.get("input")
         lines.append(f"{key}: {msg} (got {got!r})" if e["type"] != "missing" else f"{key}: {msg}")
-    return "invalid \"rigl\" config block:\n  " + "\n  ".join(lines)
+    return 'invalid "rigl" config block:\n  ' + "\n  ".join(lines)
 
 
 def load_config(config: ConfigLike = None) -> RigLConfig:

@@ -111,13 +111,21 @@ class SparseController:
         self.history.append(stats)
         logger.info(
             "rigl_ds: step %d %s update: drop fraction %.4f, dropped %d, grown %d (regrown %d), active %d",
-            t, self.config.method, stats.drop_fraction, stats.dropped, stats.grown, stats.regrown, stats.n_active,
+            t,
+            self.config.method,
+            stats.drop_fraction,
+            stats.dropped,
+            stats.grown,
+            stats.regrown,
+            stats.n_active,
         )
 
     # -- reporting and checkpoints ----------------------------------------------------------
     def layer_report(self) -> List[Dict[str, Any]]:
         """Per masked layer: entries, active entries and sparsity, reduced over all ranks."""
-        local = torch.stack([s.mask.sum() for s in self.shards]).long() if self.shards else torch.zeros(0, dtype=torch.long)
+        local = (
+            torch.stack([s.mask.sum() for s in self.shards]).long() if self.shards else torch.zeros(0, dtype=torch.long)
+        )
         active = self.comm.all_reduce_sum(local).cpu().tolist()
         return [
             {"name": s.layer.name, "numel": s.layer.numel, "active": a, "sparsity": 1.0 - a / s.layer.numel}
@@ -146,7 +154,9 @@ class SparseController:
             if m.numel() != s.numel:
                 raise ValueError(f"{s.layer.name}: checkpoint mask has {m.numel()} entries, this shard {s.numel}")
             s.mask.copy_(m.reshape(-1).to(s.mask.device))
-        check_counts(self.shards, self.comm, self.plan.n_pools, torch.as_tensor(state["pool_counts"]), "checkpoint load")
+        check_counts(
+            self.shards, self.comm, self.plan.n_pools, torch.as_tensor(state["pool_counts"]), "checkpoint load"
+        )
         self.step = int(state["step"])
         self.last_update = int(state["last_update"])
         self.skipped_updates = int(state.get("skipped_updates", 0))

@@ -50,7 +50,9 @@ def _validate(
             raise ValueError(f"layer {name!r}: shape {tuple(shape)} is not a weight matrix or kernel")
 
 
-def free_budget(shapes: Mapping[str, Sequence[int]], sparsity: float, dense: Iterable[str], custom: Mapping[str, float]) -> int:
+def free_budget(
+    shapes: Mapping[str, Sequence[int]], sparsity: float, dense: Iterable[str], custom: Mapping[str, float]
+) -> int:
     """Active entries the non-dense, non-custom layers share: the uniform budget minus what dense layers use
     beyond it (sum_free (N - floor(S N)) - sum_dense floor(S N))."""
     dense = set(dense)
@@ -116,9 +118,7 @@ def layer_sparsities(
         divisor = sum(raw[n] * math.prod(shapes[n]) for n in active)
         eps = budget / divisor
         if eps < 0:
-            raise ValueError(
-                f"sparsity {sparsity} cannot be met: the dense layers alone exceed the parameter budget"
-            )
+            raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers alone exceed the parameter budget")
         max_raw = max(raw.values())
         if max_raw * eps > 1.0:
             # Every layer at the maximum score becomes dense; solve again (rigl/sparse_utils.py).

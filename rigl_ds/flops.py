@@ -60,7 +60,9 @@ def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
     return uses
 
 
-def forward_flops(numels: Mapping[str, int], uses: Mapping[str, int], densities: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+def forward_flops(
+    numels: Mapping[str, int], uses: Mapping[str, int], densities: Optional[Mapping[str, float]] = None
+) -> Dict[str, float]:
     """Per-layer forward FLOPs: 2 * N * uses * density (density 1 for layers not listed)."""
     densities = densities or {}
     return {n: 2.0 * numels[n] * u * densities.get(n, 1.0) for n, u in uses.items()}
@@ -106,7 +108,11 @@ class FlopsReport:
 
 
 def flops_report(
-    numels: Mapping[str, int], uses_per_example: Mapping[str, float], densities: Mapping[str, float], method: str, delta_t: int
+    numels: Mapping[str, int],
+    uses_per_example: Mapping[str, float],
+    densities: Mapping[str, float],
+    method: str,
+    delta_t: int,
 ) -> FlopsReport:
     dense = forward_flops(numels, uses_per_example)
     sparse = forward_flops(numels, uses_per_example, densities)

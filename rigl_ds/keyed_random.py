@@ -46,7 +46,7 @@ def _hash(key: int, index: torch.Tensor) -> torch.Tensor:
 
 def uniform(key: int, index: torch.Tensor) -> torch.Tensor:
     """float32 in [0, 1) on a 2**-24 grid, one per index."""
-    return (_hash(key, index) >> 8).to(torch.float32) * (2.0 ** -24)
+    return (_hash(key, index) >> 8).to(torch.float32) * (2.0**-24)
 
 
 def normal(key: int, index: torch.Tensor) -> torch.Tensor:

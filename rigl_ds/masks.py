@@ -65,7 +65,10 @@ def init_masks(
         if by_magnitude:
             scores = [s.weight.detach().abs().float() for s in shards]
         else:
-            scores = [keyed_random.uniform(keyed_random.derive_key(seed, "init", s.layer.name), s.global_indices()) for s in shards]
+            scores = [
+                keyed_random.uniform(keyed_random.derive_key(seed, "init", s.layer.name), s.global_indices())
+                for s in shards
+            ]
         new = comm.select_topk(scores, [s.pool_ids() for s in shards], targets, None, shards)
     for s, m in zip(shards, new):
         s.mask.copy_(m)
@@ -108,7 +111,9 @@ def _layer_std(shards: Sequence[Shard], comm: Collectives) -> List[float]:
     stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=shards[0].mask.device)
     for i, s in enumerate(shards):
         w = s.weight.detach().double()
-        stats[i] = torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(s.numel), dtype=torch.float64, device=w.device)])
+        stats[i] = torch.stack(
+            [w.sum(), (w * w).sum(), torch.tensor(float(s.numel), dtype=torch.float64, device=w.device)]
+        )
     stats = comm.all_reduce_sum(stats).cpu()
     mean = stats[:, 0] / stats[:, 2]
     var = (stats[:, 1] / stats[:, 2] - mean * mean).clamp_min(0)
@@ -169,7 +174,9 @@ def drop_and_grow(
     n_active = pool_counts(shards, comm, n_pools).cpu()
     k = torch.tensor([int(drop_fraction * n) for n in n_active.tolist()], dtype=torch.long)
     pools = [s.pool_ids() for s in shards]
-    keep = comm.select_topk([s.weight.detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards)
+    keep = comm.select_topk(
+        [s.weight.detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards
+    )
     grow = comm.select_topk(grow_scores, pools, k, [~kp for kp in keep], shards)
     stats = UpdateStats(step=step, drop_fraction=drop_fraction, n_active=int(n_active.sum()))
     chosen_to_drop = [s.mask & ~kp for s, kp in zip(shards, keep)]
@@ -183,7 +190,11 @@ def prune_to(shards: Sequence[Shard], comm: Collectives, n_pools: int, step: int
     n_active = pool_counts(shards, comm, n_pools).cpu()
     targets = torch.minimum(targets, n_active)  # pruning never grows
     keep = comm.select_topk(
-        [s.weight.detach().abs() for s in shards], [s.pool_ids() for s in shards], targets, [s.mask for s in shards], shards
+        [s.weight.detach().abs() for s in shards],
+        [s.pool_ids() for s in shards],
+        targets,
+        [s.mask for s in shards],
+        shards,
     )
     stats = UpdateStats(step=step, drop_fraction=0.0, n_active=int(targets.sum()))
     commit_masks(shards, comm, keep, stats)

@@ -71,7 +71,9 @@ class SparsityPlan:
     custom_units: Dict[str, float]
     dense_weights: List[str] = field(default_factory=list)
 
-    def unit_sparsities(self, sparsity: float, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, float]:
+    def unit_sparsities(
+        self, sparsity: float, weights: Optional[Mapping[str, torch.Tensor]] = None
+    ) -> Dict[str, float]:
         """Per-unit sparsity at an overall ``sparsity``, dense units included (at 0)."""
         return layer_sparsities(
             self.unit_shapes,
@@ -114,7 +116,9 @@ def build_plan(config: RigLConfig, shapes: Mapping[str, Sequence[int]]) -> Spars
     """Resolves dense_layers, custom_sparsity and mask_groups patterns against the sparsifiable
     weights (in order) and assigns pools. Every pattern must match; errors name the key."""
     names = list(shapes)
-    dense_weights = sorted({n for hits in resolve_patterns(config.dense_layers, names, "dense_layers").values() for n in hits})
+    dense_weights = sorted(
+        {n for hits in resolve_patterns(config.dense_layers, names, "dense_layers").values() for n in hits}
+    )
     custom_weights: Dict[str, float] = {}
     for pattern, hits in resolve_patterns(config.custom_sparsity, names, "custom_sparsity").items():
         for n in hits:

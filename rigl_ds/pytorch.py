@@ -29,7 +29,13 @@ from .shards import LocalCollectives, WholeTensorShard
 class SparseTraining:
     """Masks, schedule and updates for one model and its optimizer in a single process."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ConfigLike = None, total_steps: Optional[int] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: ConfigLike = None,
+        total_steps: Optional[int] = None,
+    ):
         self.config: RigLConfig = load_config(config)
         self.model = model
         self.optimizer = optimizer
@@ -64,7 +70,11 @@ class SparseTraining:
                 self._report = self.flops()  # densities change only at updates
             report = self._report
             self.training_flops.add(
-                self.config.method, report.inference_sparse, report.inference_dense, self.controller.was_update_step, self._examples
+                self.config.method,
+                report.inference_sparse,
+                report.inference_dense,
+                self.controller.was_update_step,
+                self._examples,
             )
         return loss
 

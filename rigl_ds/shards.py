@@ -21,7 +21,9 @@ class Shard:
 
     def __init__(self, layer: LayerPlan, offset: int, numel: int, device: torch.device):
         if offset < 0 or offset + numel > layer.numel:
-            raise ValueError(f"{layer.name}: shard [{offset}, {offset + numel}) outside the layer's {layer.numel} entries")
+            raise ValueError(
+                f"{layer.name}: shard [{offset}, {offset + numel}) outside the layer's {layer.numel} entries"
+            )
         self.layer = layer
         self.offset = offset
         self.numel = numel
@@ -56,7 +58,9 @@ class WholeTensorShard(Shard):
 
     def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer: Optional[torch.optim.Optimizer]):
         if tuple(param.shape) != layer.shape:
-            raise ValueError(f"{layer.name}: parameter shape {tuple(param.shape)} differs from the plan's {layer.shape}")
+            raise ValueError(
+                f"{layer.name}: parameter shape {tuple(param.shape)} differs from the plan's {layer.shape}"
+            )
         if not param.is_contiguous():
             raise ValueError(f"{layer.name}: masked parameters must be contiguous")
         super().__init__(layer, 0, param.numel(), param.device)

@@ -50,4 +50,8 @@ def train_step(model, opt, sparse, x, y) -> float:
 
 
 def layer_states(opt, param) -> dict:
-    return {k: v.clone() for k, v in opt.state.get(param, {}).items() if isinstance(v, torch.Tensor) and v.shape == param.shape}
+    return {
+        k: v.clone()
+        for k, v in opt.state.get(param, {}).items()
+        if isinstance(v, torch.Tensor) and v.shape == param.shape
+    }

@@ -4,15 +4,23 @@ import json
 
 import pytest
 import torch
+from helpers import TinyLM
+from pydantic import ValidationError
 
 import rigl_ds
 from rigl_ds.config import RigLConfig, RigLConfigError, load_config
-from helpers import TinyLM
 
 
 def test_defaults_are_the_papers():
     c = load_config({})
-    assert (c.method, c.distribution, c.delta_t, c.alpha, c.end_fraction, c.begin_step) == ("rigl", "erk", 100, 0.3, 0.75, 0)
+    assert (c.method, c.distribution, c.delta_t, c.alpha, c.end_fraction, c.begin_step) == (
+        "rigl",
+        "erk",
+        100,
+        0.3,
+        0.75,
+        0,
+    )
     assert c.drop_fraction_schedule == "cosine" and c.grow_init == "zeros" and c.grad_ema_decay == 0.9
     assert c.skip_step_on_update is True  # the reference skips the optimizer step on RigL updates
     assert load_config({"method": "set"}).skip_step_on_update is False
@@ -48,14 +56,22 @@ def test_config_keys_are_the_json_keys(tmp_path):
         ({"end_step": 10, "begin_step": 10}, "rigl", "must be greater than begin_step"),
         ({"end_step": 100, "end_fraction": 0.5}, "rigl", "either end_step or end_fraction"),
         ({"custom_sparsity": {"fc1": 1.0}}, "rigl.custom_sparsity", "[0, 1)"),
-        ({"dense_layers": ["fc1"], "custom_sparsity": {"fc1": 0.5}}, "rigl", "both in dense_layers and custom_sparsity"),
+        (
+            {"dense_layers": ["fc1"], "custom_sparsity": {"fc1": 0.5}},
+            "rigl",
+            "both in dense_layers and custom_sparsity",
+        ),
         ({"initial_sparsity": 0.5}, "rigl", "method 'gmp' only"),
         ({"method": "gmp", "sparsity": 0.5, "initial_sparsity": 0.7}, "rigl", "must not exceed sparsity"),
         ({"modules": []}, "rigl.modules", "non-empty list"),
         ({"erk_power_scale": 0}, "rigl.erk_power_scale", "greater than 0"),
         ({"grad_ema_decay": 1.0}, "rigl.grad_ema_decay", "less than 1"),
         ({"seed": -3}, "rigl.seed", "greater than or equal to 0"),
-        ({"mask_groups": {"fc1": {"axis": 0, "blocks": 0}}}, "rigl.mask_groups.fc1.blocks", "greater than or equal to 1"),
+        (
+            {"mask_groups": {"fc1": {"axis": 0, "blocks": 0}}},
+            "rigl.mask_groups.fc1.blocks",
+            "greater than or equal to 1",
+        ),
         ({"mask_groups": {"fc1": {"axis": 0}}}, "rigl.mask_groups.fc1.blocks", "Field required"),
         ({"sparsty": 0.9}, "rigl.sparsty", "unknown key; allowed keys: method, sparsity"),
     ],
@@ -122,5 +138,5 @@ def test_masked_weights_must_be_in_the_optimizer():
 
 def test_config_is_frozen():
     c = RigLConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         c.sparsity = 0.5

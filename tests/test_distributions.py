@@ -49,15 +49,22 @@ def test_er_uses_the_two_matrix_dims_and_erk_all_dims():
     shapes = {"conv": (16, 8, 3, 3), "fc": (64, 32)}
     er = layer_sparsities(shapes, 0.8, "er")
     erk = layer_sparsities(shapes, 0.8, "erk")
+
     # density ratio conv/fc equals the raw-score ratio of each method
-    ratio = lambda s: (1 - s["conv"]) / (1 - s["fc"])
+    def ratio(s):
+        return (1 - s["conv"]) / (1 - s["fc"])
+
     assert ratio(er) == pytest.approx(((16 + 8) / (16 * 8)) / ((64 + 32) / (64 * 32)))
     assert ratio(erk) == pytest.approx(((16 + 8 + 3 + 3) / (16 * 8 * 9)) / ((64 + 32) / (64 * 32)))
 
 
 def test_erk_power_scale_flattens_the_distribution():
     shapes = {"a": (16, 16), "b": (128, 128)}
-    spread = lambda p: (lambda s: s["b"] - s["a"])(layer_sparsities(shapes, 0.9, "erk", erk_power_scale=p))
+
+    def spread(power):
+        s = layer_sparsities(shapes, 0.9, "erk", erk_power_scale=power)
+        return s["b"] - s["a"]
+
     assert 0 < spread(0.5) < spread(1.0)
     assert spread(0.0) == pytest.approx(0.0, abs=1e-12)  # power 0 is uniform
 
@@ -99,7 +106,9 @@ def test_global_keeps_one_magnitude_threshold_across_layers():
     kept = {n: round((1 - s[n]) * w.numel()) for n, w in weights.items()}
     assert sum(kept.values()) == free_budget(shapes, 0.7, [], {})
     assert s["b"] < s["a"]  # larger weights keep more
-    threshold = torch.cat([w.flatten().abs() for w in weights.values()]).sort(descending=True).values[sum(kept.values()) - 1]
+    threshold = (
+        torch.cat([w.flatten().abs() for w in weights.values()]).sort(descending=True).values[sum(kept.values()) - 1]
+    )
     for n, w in weights.items():
         assert int((w.abs() >= threshold).sum()) == kept[n]
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import make, task, train_step
 from torch import nn
 
 from rigl_ds.flops import TrainingFlops, expected_training_flops, training_flops_per_step, weight_uses
-from helpers import make, task, train_step
 
 
 def test_paper_training_formulas():
@@ -44,7 +44,9 @@ def test_gpt2_conv1d_uses():
 
 
 def test_sparse_forward_scales_each_layer_by_density_and_training_is_accounted_per_step():
-    model, opt, sparse = make({"method": "rigl", "sparsity": 0.9, "delta_t": 10, "end_step": 50, "distribution": "uniform"})
+    model, opt, sparse = make(
+        {"method": "rigl", "sparsity": 0.9, "delta_t": 10, "end_step": 50, "distribution": "uniform"}
+    )
     x, y = task()
     report = sparse.measure_flops(x, examples=x.numel())
     dense = {"fc1.weight": 2 * 48 * 96, "fc2.weight": 2 * 96 * 48, "head.weight": 2 * 48 * 40}

@@ -20,9 +20,22 @@ def test_bundled_corpus_is_intact_and_split_without_overlap():
 def test_default_job_trains_sparse_and_the_loss_falls(tmp_path):
     out = tmp_path / "result.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train_plain.py"), "--steps", "120", "--eval-chars", "5000", "--out", str(out),
-         "--rigl", '{"method": "rigl", "sparsity": 0.9, "delta_t": 20}'],
-        check=True, cwd=tmp_path, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train_plain.py"),
+            "--steps",
+            "120",
+            "--eval-chars",
+            "5000",
+            "--out",
+            str(out),
+            "--rigl",
+            '{"method": "rigl", "sparsity": 0.9, "delta_t": 20}',
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     result = json.loads(out.read_text())
     assert result["mask_updates"] == 5  # steps 0, 20, 40, 60, 80 (end at 75% of 120 = 90)

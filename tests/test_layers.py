@@ -13,16 +13,37 @@ def test_gpt2_default_is_the_block_projections_not_embeddings_or_the_tied_head()
     cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     model = transformers.GPT2LMHeadModel(cfg)
     names = default_sparse_weights(model)
-    assert names == [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert names == [
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
 
 
 def test_llama_default_is_the_linear_projections_and_not_the_untied_head():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=False,
     )
     names = default_sparse_weights(transformers.LlamaForCausalLM(cfg))
-    assert names == [f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert names == [
+        f"model.layers.0.{m}.weight"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
 
 
 def test_rnn_default_is_the_gate_matrices_and_readout_but_not_the_vocabulary_head():
@@ -59,7 +80,16 @@ def test_module_patterns_override_the_default():
 def test_lstm_gates_as_mask_groups_on_a_real_run():
     model = nn.LSTM(8, 16)
     opt = torch.optim.Adam(model.parameters())
-    sparse = rigl_ds.sparsify(model, opt, {"sparsity": 0.75, "distribution": "uniform", "end_step": 10, "mask_groups": {"weight_*": {"axis": 0, "blocks": 4}}})
+    sparse = rigl_ds.sparsify(
+        model,
+        opt,
+        {
+            "sparsity": 0.75,
+            "distribution": "uniform",
+            "end_step": 10,
+            "mask_groups": {"weight_*": {"axis": 0, "blocks": 4}},
+        },
+    )
     for name in ("weight_ih_l0", "weight_hh_l0"):
         gates = sparse.masks[name].view(4, 16, -1)
         assert len({int(g.sum()) for g in gates}) == 1

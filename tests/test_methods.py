@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import TinyLM, layer_states, make, task, train_step
 from torch import nn
 
 import rigl_ds
 from rigl_ds.masks import drop_and_grow
 from rigl_ds.plan import LayerPlan
 from rigl_ds.shards import LocalCollectives, WholeTensorShard
-from helpers import TinyLM, layer_states, make, task, train_step
 
 MASKED = ("fc1.weight", "fc2.weight")
 
@@ -41,7 +41,16 @@ def test_masks_are_identical_for_the_same_seed_and_differ_for_another():
 @pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_active_counts_never_drift_over_hundreds_of_updates(method, distribution):
-    model, opt, sparse = make({"method": method, "distribution": distribution, "sparsity": 0.9, "delta_t": 1, "end_step": 400, "drop_fraction_schedule": "constant"})
+    model, opt, sparse = make(
+        {
+            "method": method,
+            "distribution": distribution,
+            "sparsity": 0.9,
+            "delta_t": 1,
+            "end_step": 400,
+            "drop_fraction_schedule": "constant",
+        }
+    )
     x, y = task()
     start = counts(sparse)
     changed = 0
@@ -96,7 +105,9 @@ def test_dropped_and_regrown_entries_keep_their_weight_and_state():
     weight.grad = torch.where(shard.mask.view(20, 10), 1.0, 0.0)  # dropped entries have the largest gradients
     w_before, s_before = weight.detach().clone(), layer_states(opt, weight)
     mask_before = shard.mask.clone()
-    stats = drop_and_grow([shard], LocalCollectives(), 1, step=0, drop_fraction=0.3, grow_scores=[weight.grad.view(-1).abs()])
+    stats = drop_and_grow(
+        [shard], LocalCollectives(), 1, step=0, drop_fraction=0.3, grow_scores=[weight.grad.view(-1).abs()]
+    )
     assert stats.regrown == int(0.3 * 100) and stats.grown == 0 and stats.dropped == 0
     assert torch.equal(shard.mask, mask_before)
     assert torch.equal(weight.detach(), w_before)
@@ -154,7 +165,9 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
 
 def test_rigl_skips_the_optimizer_step_on_update_steps_by_default_and_not_when_told():
     for skip in (True, False):
-        model, opt, sparse = make({"method": "rigl", "delta_t": 100, "end_step": 200, "skip_optimizer_step_on_update": skip})
+        model, opt, sparse = make(
+            {"method": "rigl", "delta_t": 100, "end_step": 200, "skip_optimizer_step_on_update": skip}
+        )
         x, y = task()
         before = copy.deepcopy(model.state_dict())
         train_step(model, opt, sparse, x, y)  # step 0 is an update step
@@ -239,7 +252,9 @@ def test_masked_weights_are_zero_after_the_step_even_if_the_optimizer_moves_them
 
 
 def test_snfs_grows_by_the_moving_average_of_dense_gradients():
-    model, opt, sparse = make({"method": "snfs", "delta_t": 100, "begin_step": 3, "end_step": 200, "grad_ema_decay": 0.9})
+    model, opt, sparse = make(
+        {"method": "snfs", "delta_t": 100, "begin_step": 3, "end_step": 200, "grad_ema_decay": 0.9}
+    )
     params = dict(model.named_parameters())
     x, y = task()
     ema = {n: torch.zeros(params[n].numel()) for n in MASKED}
@@ -256,7 +271,14 @@ def test_snfs_grows_by_the_moving_average_of_dense_gradients():
 
 def test_mask_groups_keep_exact_counts_per_block():
     model, opt, sparse = make(
-        {"method": "rigl", "sparsity": 0.8, "delta_t": 2, "end_step": 200, "distribution": "uniform", "mask_groups": {"fc1": {"axis": 0, "blocks": 3}}}
+        {
+            "method": "rigl",
+            "sparsity": 0.8,
+            "delta_t": 2,
+            "end_step": 200,
+            "distribution": "uniform",
+            "mask_groups": {"fc1": {"axis": 0, "blocks": 3}},
+        }
     )
     x, y = task()
     for _ in range(40):
@@ -267,7 +289,16 @@ def test_mask_groups_keep_exact_counts_per_block():
 
 
 def test_global_distribution_fixes_the_total_and_lets_layers_trade():
-    model, opt, sparse = make({"method": "rigl", "distribution": "global", "sparsity": 0.8, "delta_t": 1, "end_step": 200, "drop_fraction_schedule": "constant"})
+    model, opt, sparse = make(
+        {
+            "method": "rigl",
+            "distribution": "global",
+            "sparsity": 0.8,
+            "delta_t": 1,
+            "end_step": 200,
+            "drop_fraction_schedule": "constant",
+        }
+    )
     x, y = task()
     total = sum(counts(sparse).values())
     assert total == sum(48 * 96 - math.floor(0.8 * 48 * 96) for _ in MASKED)
@@ -280,7 +311,9 @@ def test_global_distribution_fixes_the_total_and_lets_layers_trade():
 
 
 def test_gmp_shrinks_masks_on_its_cubic_schedule():
-    model, opt, sparse = make({"method": "gmp", "sparsity": 0.9, "delta_t": 10, "begin_step": 10, "end_step": 110, "distribution": "uniform"})
+    model, opt, sparse = make(
+        {"method": "gmp", "sparsity": 0.9, "delta_t": 10, "begin_step": 10, "end_step": 110, "distribution": "uniform"}
+    )
     x, y = task()
     n = 48 * 96
     assert counts(sparse) == {m: n for m in MASKED}  # dense at the start
@@ -296,7 +329,9 @@ def test_gmp_shrinks_masks_on_its_cubic_schedule():
 
 
 def test_random_normal_grow_init_draws_with_the_layer_std():
-    model, opt, sparse = make({"method": "set", "delta_t": 5, "begin_step": 1, "end_step": 100, "grow_init": "random_normal"})
+    model, opt, sparse = make(
+        {"method": "set", "delta_t": 5, "begin_step": 1, "end_step": 100, "grow_init": "random_normal"}
+    )
     x, y = task()
     train_step(model, opt, sparse, x, y)
     params = dict(model.named_parameters())

@@ -34,8 +34,12 @@ def test_selection_equals_brute_force_with_heavy_ties(data):
     scores, pools, eligible = [], [], []
     for _ in range(n_layers):
         n = data.draw(st.integers(0, 30))
-        scores.append(torch.tensor(data.draw(st.lists(st.integers(0, levels), min_size=n, max_size=n)), dtype=dtype) / 3)
-        pools.append(torch.tensor(data.draw(st.lists(st.integers(0, n_pools - 1), min_size=n, max_size=n)), dtype=torch.long))
+        scores.append(
+            torch.tensor(data.draw(st.lists(st.integers(0, levels), min_size=n, max_size=n)), dtype=dtype) / 3
+        )
+        pools.append(
+            torch.tensor(data.draw(st.lists(st.integers(0, n_pools - 1), min_size=n, max_size=n)), dtype=torch.long)
+        )
         eligible.append(torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool))
     n_eligible = torch.zeros(n_pools, dtype=torch.long)
     for p, e in zip(pools, eligible):
@@ -68,7 +72,12 @@ def test_k_zero_and_k_all():
 def test_ineligible_entries_are_never_chosen_even_with_the_best_scores():
     s = [torch.tensor([9.0, 8.0, 1.0, 2.0])]
     e = [torch.tensor([False, False, True, True])]
-    assert select_topk(s, [torch.zeros(4, dtype=torch.long)], torch.tensor([2]), e)[0].tolist() == [False, False, True, True]
+    assert select_topk(s, [torch.zeros(4, dtype=torch.long)], torch.tensor([2]), e)[0].tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_nan_scores_and_impossible_k_are_rejected():

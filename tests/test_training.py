@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-
 from helpers import make, task, train_step
 
 MASKED = ("fc1.weight", "fc2.weight")
@@ -47,7 +46,9 @@ def test_resume_from_a_checkpoint_is_bit_identical(method, tmp_path):
     for _ in range(30):
         train_step(model, opt, sparse, x, y)
 
-    model2, opt2, sparse2 = make({**block, "seed": 99}, seed=123, total_steps=80)  # other masks and weights until loaded
+    model2, opt2, sparse2 = make(
+        {**block, "seed": 99}, seed=123, total_steps=80
+    )  # other masks and weights until loaded
     ckpt = torch.load(path, weights_only=False)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])

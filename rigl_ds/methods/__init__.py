@@ -13,4 +13,13 @@ METHODS: Dict[str, Type[SparseMethod]] = {
     cls.name: cls for cls in (StaticMethod, SETMethod, RigLMethod, SNFSMethod, GMPMethod)
 }
 
-__all__ = ["METHODS", "SparseMethod", "DropGrowMethod", "StaticMethod", "SETMethod", "RigLMethod", "SNFSMethod", "GMPMethod"]
+__all__ = [
+    "METHODS",
+    "SparseMethod",
+    "DropGrowMethod",
+    "StaticMethod",
+    "SETMethod",
+    "RigLMethod",
+    "SNFSMethod",
+    "GMPMethod",
+]

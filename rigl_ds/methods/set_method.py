@@ -15,4 +15,7 @@ class SETMethod(DropGrowMethod):
 
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
         seed = self.config.seed
-        return [keyed_random.uniform(keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices()) for s in shards]
+        return [
+            keyed_random.uniform(keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices())
+            for s in shards
+        ]
