@@ -101,6 +101,13 @@ class SparseController:
         self.step += 1
 
     @property
+    def gradients_may_be_masked_now(self) -> bool:
+        """True when the coming optimizer step reads no gradient of a masked entry, so adapters may
+        zero those gradients during backward (the reference's gradients are zero there: its layers
+        compute with mask * w). Between updates that makes clipping see only active entries."""
+        return not self.method.needs_dense_gradients(self.step, self.last_update)
+
+    @property
     def was_update_step(self) -> bool:
         """Whether the step that just ran changed masks (for FLOPs accounting and logs)."""
         return self._is_update_step

@@ -343,3 +343,34 @@ def test_random_normal_grow_init_draws_with_the_layer_std():
     values = params["fc1.weight"].detach()[grown]
     assert grown.sum() > 50 and torch.all(values != 0)
     assert 0.5 * std < float(values.std()) < 1.5 * std
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static", "gmp"])
+def test_between_updates_backward_leaves_masked_gradients_zero_so_clipping_sees_the_sparse_model(method):
+    block = {"method": method, "delta_t": 5, "begin_step": 1, "end_step": 100}
+    model, opt, sparse = make(block if method != "static" else {"method": "static"})
+    params = dict(model.named_parameters())
+    x, y = task()
+    for step in range(7):
+        nn.functional.cross_entropy(model(x), y).backward()
+        update = method == "rigl" and step in (1, 6)
+        for n in MASKED:
+            masked_grads = params[n].grad[~sparse.masks[n]]
+            if update:  # RigL reads the dense gradient on its update steps
+                assert masked_grads.abs().sum() > 0
+            else:
+                assert torch.all(masked_grads == 0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        sparse.step()
+        opt.zero_grad()
+
+
+def test_snfs_reads_dense_gradients_on_every_step():
+    model, opt, sparse = make({"method": "snfs", "delta_t": 5, "end_step": 100})
+    params = dict(model.named_parameters())
+    x, y = task()
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert params["fc1.weight"].grad[~sparse.masks["fc1.weight"]].abs().sum() > 0
+        sparse.step()
+        opt.zero_grad()

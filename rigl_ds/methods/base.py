@@ -40,6 +40,11 @@ class SparseMethod:
             return False
         return schedules.is_update_step(step, last_update, self.config.begin_step, self.end_step, self.config.delta_t)
 
+    def needs_dense_gradients(self, step: int, last_update: int) -> bool:
+        """Whether this step's gradients of masked entries are read (else they may be zeroed as
+        soon as backward produces them, so clipping and logging see the sparse model's gradients)."""
+        return self.tracks_gradients or (self.uses_gradients and self.is_update_step(step, last_update))
+
     def observe_gradients(self, shards: Sequence[Shard], step: int) -> None:
         """Called every step with the dense gradients, before masked entries are zeroed."""
 

@@ -27,7 +27,10 @@ class SNFSMethod(DropGrowMethod):
             ema.mul_(decay).add_(g.float(), alpha=1.0 - decay)
 
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
-        return [self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel) for s in shards]
+        return [
+            self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel, device=s.mask.device)
+            for s in shards
+        ]
 
     def state_dict(self, shards: Sequence[Shard]) -> Dict[str, torch.Tensor]:
         return {f"grad_ema.{name}": t.clone() for name, t in self._ema.items()}
