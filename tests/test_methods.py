@@ -348,7 +348,12 @@ def test_random_normal_grow_init_draws_with_the_layer_std():
 @pytest.mark.parametrize("method", ["rigl", "set", "static", "gmp"])
 def test_between_updates_backward_leaves_masked_gradients_zero_so_clipping_sees_the_sparse_model(method):
     block = {"method": method, "delta_t": 5, "begin_step": 1, "end_step": 100}
-    model, opt, sparse = make(block if method != "static" else {"method": "static"})
+    if method == "static":
+        block = {"method": "static"}
+    if method == "gmp":
+        block["initial_sparsity"] = 0.5  # GMP starts dense by default: nothing would be masked yet
+    model, opt, sparse = make(block)
+    assert all((~m).any() for m in sparse.masks.values())
     params = dict(model.named_parameters())
     x, y = task()
     for step in range(7):
