@@ -52,10 +52,26 @@ class SparseTraining:
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
         self.controller.initialize_masks()
+        self._hooks = [
+            shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(shard)) for shard in self.shards
+        ]
         self._uses: Optional[Dict[str, float]] = None
         self._report: Optional[FlopsReport] = None
         self._examples = 1
         self.training_flops = TrainingFlops()
+
+    def _make_grad_hook(self, shard: WholeTensorShard) -> Callable[[torch.Tensor], None]:
+        def mask_accumulated_grad(param: torch.Tensor) -> None:
+            if param.grad is not None and self.controller.gradients_may_be_masked_now:
+                param.grad.masked_fill_(~shard.mask.view(param.shape), 0)
+
+        return mask_accumulated_grad
+
+    def remove(self) -> None:
+        """Detaches the gradient hooks (the model keeps its zeros; masks are no longer enforced)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Replaces ``optimizer.step()``: masks gradients, steps (unless this update skips it), keeps
