@@ -111,9 +111,9 @@ def layer_sparsities(
         budget = free_budget(shapes, sparsity, list(dense) + sorted(forced_dense), custom)
         active = [n for n in free if n not in forced_dense]
         if not active:
-            if budget < 0:
-                raise ValueError(f"sparsity {sparsity} cannot be met: every layer had to be made dense")
-            break  # all dense fits the budget (sparsity 0, up to float rounding of eps)
+            # Only float rounding at sparsity 0 gets here (for S > 0 the last free layer has
+            # eps * raw = budget / N <= 1): all dense is then exactly the budget.
+            break
         raw = {n: _raw_score(shapes[n], method, erk_power_scale) for n in active}
         divisor = sum(raw[n] * math.prod(shapes[n]) for n in active)
         eps = budget / divisor

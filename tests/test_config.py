@@ -64,6 +64,7 @@ def test_config_keys_are_the_json_keys(tmp_path):
         ({"initial_sparsity": 0.5}, "rigl", "method 'gmp' only"),
         ({"method": "gmp", "sparsity": 0.5, "initial_sparsity": 0.7}, "rigl", "must not exceed sparsity"),
         ({"modules": []}, "rigl.modules", "non-empty list"),
+        ({"modules": ["fc1", ""]}, "rigl.modules", "non-empty list"),
         ({"erk_power_scale": 0}, "rigl.erk_power_scale", "greater than 0"),
         ({"grad_ema_decay": 1.0}, "rigl.grad_ema_decay", "less than 1"),
         ({"seed": -3}, "rigl.seed", "greater than or equal to 0"),
@@ -119,6 +120,9 @@ def test_end_step_needs_total_steps_when_only_end_fraction_is_set():
         ({"mask_groups": {"fc1": {"axis": 0, "blocks": 5}}}, "rigl.mask_groups.fc1"),
         ({"mask_groups": {"fc1": {"axis": 3, "blocks": 2}}}, "rigl.mask_groups.fc1"),
         ({"dense_layers": ["fc1", "fc2"]}, "rigl.dense_layers"),
+        ({"custom_sparsity": {"fc1": 0.5, "fc*": 0.6}}, "rigl.custom_sparsity"),
+        ({"mask_groups": {"fc1": {"axis": 0, "blocks": 2}, "fc*": {"axis": 0, "blocks": 4}}}, "rigl.mask_groups"),
+        ({"dense_layers": ["fc1"], "custom_sparsity": {"fc*": 0.5}}, "rigl.dense_layers and rigl.custom_sparsity"),
     ],
 )
 def test_patterns_are_checked_against_the_model(block, key):

@@ -134,6 +134,14 @@ def test_bad_arguments_raise_value_error_that_says_which(kwargs, match):
         layer_sparsities(args.pop("shapes"), args.pop("sparsity"), **args)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=5))
+def test_sparsity_zero_is_all_dense_whatever_the_float_rounding(shapes):
+    shapes = {f"l{i}": s for i, s in enumerate(shapes)}
+    s = layer_sparsities(shapes, 0.0, "erk")
+    assert all(zeros_for(v, math.prod(shapes[n])) == 0 for n, v in s.items())
+
+
 def test_non_matrix_shapes_are_rejected():
     with pytest.raises(ValueError, match="not a weight matrix"):
         layer_sparsities({"bias": (10,)}, 0.5)
