@@ -140,6 +140,5 @@ def _global_sparsities(shapes, free, sparsity, dense, custom, weights) -> Dict[s
     if budget < 0:
         raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers alone exceed the parameter budget")
     scores = [weights[n].detach().reshape(-1).abs() for n in free]
-    pools = [torch.zeros(s.numel(), dtype=torch.long) for s in scores]
-    kept = select_topk(scores, pools, torch.tensor([budget]))
+    kept = select_topk(scores, [0] * len(scores), torch.tensor([budget]))
     return {n: 1.0 - int(k.sum()) / math.prod(shapes[n]) for n, k in zip(free, kept)}

@@ -40,8 +40,7 @@ def _hash(key: int, index: torch.Tensor) -> torch.Tensor:
     index = index.long()
     k1, k2 = key & _M32, (key >> 32) & _M32
     h = _mix32((index & _M32) ^ k1)
-    h = _mix32(h ^ ((index >> 32) & _M32) ^ k2)
-    return _mix32(h ^ k1)
+    return _mix32(h ^ ((index >> 32) & _M32) ^ k2)
 
 
 def uniform(key: int, index: torch.Tensor) -> torch.Tensor:

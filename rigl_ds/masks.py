@@ -32,10 +32,11 @@ def pool_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int) -> tor
     device = shards[0].mask.device if shards else torch.device("cpu")
     local = torch.zeros(n_pools, dtype=torch.long, device=device)
     for s in shards:
-        if len(set(s.layer.pools)) == 1:
-            local[s.layer.pools[0]] += s.mask.sum()
+        pools = s.pool_ids()
+        if isinstance(pools, int):
+            local[pools] += s.mask.sum()
         else:
-            local += torch.bincount(s.pool_ids()[s.mask], minlength=n_pools)
+            local += torch.bincount(pools[s.mask], minlength=n_pools)
     return comm.all_reduce_sum(local)
 
 
@@ -57,7 +58,11 @@ def init_masks(
     partition reproduces) or, for the global distribution, by initial weight magnitude."""
     sizes = torch.zeros(n_pools, dtype=torch.long)
     for s in shards:
-        sizes += torch.bincount(s.pool_ids().cpu(), minlength=n_pools)
+        pools = s.pool_ids()
+        if isinstance(pools, int):
+            sizes[pools] += s.numel
+        else:
+            sizes += torch.bincount(pools.cpu(), minlength=n_pools)
     sizes = comm.all_reduce_sum(sizes.to(shards[0].mask.device)).cpu() if shards else sizes
     if bool((targets == sizes).all()):
         new = [torch.ones_like(s.mask) for s in shards]

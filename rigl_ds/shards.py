@@ -8,7 +8,7 @@ partitions and collective-based selection, and the same method code runs unchang
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -49,7 +49,10 @@ class Shard:
     def global_indices(self) -> torch.Tensor:
         return torch.arange(self.offset, self.offset + self.numel, device=self.mask.device)
 
-    def pool_ids(self) -> torch.Tensor:
+    def pool_ids(self) -> Union[int, torch.Tensor]:
+        """The pool of every entry held here: an int when the layer is one pool (no tensor needed)."""
+        if len(set(self.layer.pools)) == 1:
+            return self.layer.pools[0]
         return self.layer.pool_ids(self.global_indices())
 
 
@@ -94,7 +97,7 @@ class Collectives:
     def select_topk(
         self,
         scores: Sequence[torch.Tensor],
-        pools: Sequence[torch.Tensor],
+        pools: Sequence[Union[int, torch.Tensor]],
         k: torch.Tensor,
         eligible: Optional[Sequence[torch.Tensor]] = None,
         shards: Optional[Sequence[Shard]] = None,

@@ -88,3 +88,12 @@ def test_nan_scores_and_impossible_k_are_rejected():
         select_topk([torch.rand(3)], p, torch.tensor([2]), [torch.tensor([True, False, False])])
     with pytest.raises(ValueError, match="non-negative"):
         select_topk([torch.rand(3)], p, torch.tensor([-1]))
+
+
+def test_a_layer_in_one_pool_may_be_named_by_an_int():
+    s = [torch.tensor([3.0, 1.0, 2.0]), torch.tensor([5.0, 0.0])]
+    as_int = select_topk(s, [0, 0], torch.tensor([2]))
+    as_tensor = select_topk(s, [torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long)], torch.tensor([2]))
+    assert [t.tolist() for t in as_int] == [t.tolist() for t in as_tensor] == [[True, False, False], [True, False]]
+    mixed = select_topk(s, [torch.tensor([0, 1, 1]), 1], torch.tensor([1, 1]))
+    assert [t.tolist() for t in mixed] == [[True, False, False], [True, False]]
