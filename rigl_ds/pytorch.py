@@ -80,6 +80,10 @@ class SparseTraining:
         loss = None
         if run:
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        else:
+            # A deliberate skip (RigL update step): the LR schedule stays aligned with iterations, so
+            # silence torch's "lr_scheduler.step() before optimizer.step()" warning, which keys on this.
+            self.optimizer._opt_called = True
         self.controller.after_step(run)
         if self._uses is not None:
             if self._report is None or self.controller.was_update_step:

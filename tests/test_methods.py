@@ -379,3 +379,14 @@ def test_snfs_reads_dense_gradients_on_every_step():
         assert params["fc1.weight"].grad[~sparse.masks["fc1.weight"]].abs().sum() > 0
         sparse.step()
         opt.zero_grad()
+
+
+def test_a_skipped_optimizer_step_does_not_upset_lr_schedulers(recwarn):
+    model, opt, sparse = make({"method": "rigl", "delta_t": 10, "end_step": 100}, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = task()
+    for _ in range(4):
+        train_step(model, opt, sparse, x, y)
+        sched.step()
+    assert not [w for w in recwarn.list if "lr_scheduler.step()" in str(w.message)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
