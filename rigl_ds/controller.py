@@ -61,8 +61,12 @@ class SparseController:
         return pool_counts(self.shards, self.comm, self.plan.n_pools).cpu()
 
     # -- the step ----------------------------------------------------------------------------
-    def before_step(self) -> bool:
-        """Runs after backward, before the optimizer step. Returns whether the optimizer should step."""
+    def before_step(self, grads_already_masked: bool = False) -> bool:
+        """Runs after backward, before the optimizer step. Returns whether the optimizer should step.
+
+        ``grads_already_masked``: the adapter zeroed masked gradients during backward under the
+        current masks, so the pre-step pass is redundant unless an update changes the masks first.
+        """
         t = self.step
         method = self.method
         self._update_after_step = False
@@ -87,7 +91,7 @@ class SparseController:
                 run_step = not skip
             else:
                 self._update_after_step = True
-        if run_step:
+        if run_step and (update or not grads_already_masked):
             mask_gradients(self.shards)
         return run_step
 

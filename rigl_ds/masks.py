@@ -81,16 +81,21 @@ def init_masks(
     check_counts(shards, comm, n_pools, targets, "mask initialisation")
 
 
+def keep_active(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero where ``mask`` is False, in place. torch.where(out=) is about twice as fast as
+    masked_fill_ on CPU (no inverted mask), and unlike mul_ it turns a NaN at a masked entry into 0."""
+    torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
+
+
 def apply_masks(shards: Sequence[Shard], with_optimizer_state: bool = False) -> None:
     """Masked entries exactly zero in the weight (every copy) and, on request, the optimizer state."""
     for s in shards:
-        off = ~s.mask
-        s.weight.masked_fill_(off, 0)
+        keep_active(s.weight, s.mask)
         for copy in s.extra_copies():
-            copy.masked_fill_(off, 0)
+            keep_active(copy, s.mask)
         if with_optimizer_state:
             for state in s.optimizer_states():
-                state.masked_fill_(off, 0)
+                keep_active(state, s.mask)
 
 
 def mask_gradients(shards: Sequence[Shard]) -> None:
@@ -98,7 +103,7 @@ def mask_gradients(shards: Sequence[Shard]) -> None:
     for s in shards:
         g = s.grad()
         if g is not None:
-            g.masked_fill_(~s.mask, 0)
+            keep_active(g, s.mask)
 
 
 def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:

@@ -22,6 +22,7 @@ from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
 from .controller import SparseController
 from .flops import FlopsReport, TrainingFlops, flops_report, weight_uses
 from .layers import find_sparse_weights
+from .masks import keep_active
 from .plan import build_plan
 from .shards import LocalCollectives, WholeTensorShard
 
@@ -52,18 +53,21 @@ class SparseTraining:
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
         self.controller.initialize_masks()
+        self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient
         self._hooks = [
-            shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(shard)) for shard in self.shards
+            shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(i, shard))
+            for i, shard in enumerate(self.shards)
         ]
         self._uses: Optional[Dict[str, float]] = None
         self._report: Optional[FlopsReport] = None
         self._examples = 1
         self.training_flops = TrainingFlops()
 
-    def _make_grad_hook(self, shard: WholeTensorShard) -> Callable[[torch.Tensor], None]:
+    def _make_grad_hook(self, index: int, shard: WholeTensorShard) -> Callable[[torch.Tensor], None]:
         def mask_accumulated_grad(param: torch.Tensor) -> None:
             if param.grad is not None and self.controller.gradients_may_be_masked_now:
-                param.grad.masked_fill_(~shard.mask.view(param.shape), 0)
+                keep_active(param.grad.view(-1), shard.mask)
+                self._masked_at_step[index] = self.controller.step
 
         return mask_accumulated_grad
 
@@ -76,7 +80,8 @@ class SparseTraining:
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Replaces ``optimizer.step()``: masks gradients, steps (unless this update skips it), keeps
         masked weights at zero and updates masks on schedule."""
-        run = self.controller.before_step()
+        step = self.controller.step
+        run = self.controller.before_step(grads_already_masked=all(m == step for m in self._masked_at_step))
         loss = None
         if run:
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()

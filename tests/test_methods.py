@@ -390,3 +390,35 @@ def test_a_skipped_optimizer_step_does_not_upset_lr_schedulers(recwarn):
         sched.step()
     assert not [w for w in recwarn.list if "lr_scheduler.step()" in str(w.message)]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_gradients_set_without_backward_are_still_masked_before_the_step():
+    model, opt, sparse = make({"method": "static"})
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # no backward: the gradient hooks never ran
+    sparse.step()
+    for n in MASKED:
+        assert torch.all(params[n].grad[~sparse.masks[n]] == 0)
+        assert torch.all(params[n].detach()[~sparse.masks[n]] == 0)
+
+
+def test_an_update_before_a_real_step_masks_gradients_under_the_new_mask():
+    model, opt, sparse = make(
+        {"method": "rigl", "delta_t": 3, "begin_step": 2, "end_step": 50, "skip_optimizer_step_on_update": False}
+    )
+    params = dict(model.named_parameters())
+    x, y = task()
+    for _ in range(2):
+        train_step(model, opt, sparse, x, y)
+    old = {n: m.clone() for n, m in sparse.masks.items()}
+    nn.functional.cross_entropy(model(x), y).backward()
+    sparse.step()  # step 2: update first (dense gradients), then the optimizer step under the new masks
+    assert sparse.controller.history[-1].step == 2
+    for n in MASKED:
+        assert not torch.equal(old[n], sparse.masks[n])
+        off = ~sparse.masks[n]
+        assert torch.all(params[n].grad[off] == 0)
+        assert torch.all(params[n].detach()[off] == 0)
+        for key, state in layer_states(opt, params[n]).items():
+            assert torch.all(state[off] == 0), key
