@@ -422,3 +422,16 @@ def test_an_update_before_a_real_step_masks_gradients_under_the_new_mask():
         assert torch.all(params[n].detach()[off] == 0)
         for key, state in layer_states(opt, params[n]).items():
             assert torch.all(state[off] == 0), key
+
+
+def test_controller_remasks_gradients_after_an_update_even_if_the_adapter_masked_them():
+    # Contract for adapters: grads_already_masked refers to the masks before this step's update.
+    model, opt, sparse = make({"method": "rigl", "delta_t": 5, "end_step": 50, "skip_optimizer_step_on_update": False})
+    params = dict(model.named_parameters())
+    x, y = task()
+    nn.functional.cross_entropy(model(x), y).backward()
+    ctrl = sparse.controller
+    assert ctrl.before_step(grads_already_masked=True)  # step 0: update, then the optimizer may step
+    assert ctrl.was_update_step
+    for n in MASKED:
+        assert torch.all(params[n].grad[~sparse.masks[n]] == 0)
