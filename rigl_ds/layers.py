@@ -36,7 +36,8 @@ def resolve_patterns(patterns: Iterable[str], names: Sequence[str], key: str) ->
 
 def _head_weights(model: nn.Module, embedding_weights: Set[int]) -> Set[int]:
     """Ids of output-head weights: get_output_embeddings() (Hugging Face), a Linear tied to an
-    embedding, or a Linear projecting onto an embedding's vocabulary."""
+    embedding, or the last Linear (in module order) projecting onto an embedding's vocabulary; an
+    earlier layer that happens to have as many outputs as the vocabulary is not a head."""
     heads: Set[int] = set()
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -47,12 +48,15 @@ def _head_weights(model: nn.Module, embedding_weights: Set[int]) -> Set[int]:
         if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
             heads.add(id(head.weight))
     vocab_sizes = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    last_onto_vocab: Dict[int, int] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear) and (
-            id(module.weight) in embedding_weights or module.out_features in vocab_sizes
-        ):
+        if not isinstance(module, nn.Linear):
+            continue
+        if id(module.weight) in embedding_weights:
             heads.add(id(module.weight))
-    return heads
+        elif module.out_features in vocab_sizes:
+            last_onto_vocab[module.out_features] = id(module.weight)
+    return heads | set(last_onto_vocab.values())
 
 
 def default_sparse_weights(model: nn.Module) -> List[str]:

@@ -59,6 +59,11 @@ def test_rnn_default_is_the_gate_matrices_and_readout_but_not_the_vocabulary_hea
     assert names == ["gru.weight_ih_l0", "gru.weight_hh_l0", "gru.weight_ih_l1", "gru.weight_hh_l1", "readout.weight"]
 
 
+def test_a_hidden_layer_as_wide_as_the_vocabulary_is_not_mistaken_for_the_head():
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    assert default_sparse_weights(model) == ["1.weight", "3.weight"]  # 4 is the head
+
+
 def test_tied_head_is_excluded_even_under_another_name():
     class Tied(nn.Module):
         def __init__(self):

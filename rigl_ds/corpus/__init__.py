@@ -5,11 +5,11 @@ Shipped inside the package so training needs no download and no apt step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import lzma
 from pathlib import Path
-from typing import List, Tuple
 
 HERE = Path(__file__).resolve().parent
 KJV_PATH = HERE / "kjv.txt.xz"
@@ -27,11 +27,8 @@ def kjv_text(verify: bool = True) -> str:
     return text
 
 
-def kjv_split(validation_fraction: float = 0.05) -> Tuple[List[str], List[str]]:
-    """Train and validation verses: the last ``validation_fraction`` of the book order is validation
-    (a contiguous held-out tail, so no verse leaks across the split)."""
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    lines = kjv_text().splitlines()
-    cut = int(len(lines) * (1.0 - validation_fraction))
-    return lines[:cut], lines[cut:]
+@functools.lru_cache(maxsize=1)
+def verified_kjv_path() -> Path:
+    """The bundled file's path, after checking it once per process."""
+    kjv_text(verify=True)
+    return KJV_PATH
