@@ -47,7 +47,8 @@ class SparseController:
     def initialize_masks(self) -> None:
         """Exact per-pool counts at the method's starting sparsity; masked weights and state zeroed."""
         sparsity = self.method.initial_sparsity
-        targets = self.plan.targets(sparsity) if sparsity > 0 else self.plan.pool_sizes()
+        sizes = self.plan.pool_sizes()
+        targets = self.plan.targets(sparsity) if sparsity > 0 else sizes
         init_masks(
             self.shards,
             self.comm,
@@ -55,6 +56,7 @@ class SparseController:
             targets,
             self.config.seed,
             by_magnitude=self.config.distribution == "global",
+            all_active=torch.equal(targets, sizes),
         )
 
     def active_counts(self) -> torch.Tensor:

@@ -52,19 +52,18 @@ def check_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int, expec
 
 
 def init_masks(
-    shards: Sequence[Shard], comm: Collectives, n_pools: int, targets: torch.Tensor, seed: int, by_magnitude: bool
+    shards: Sequence[Shard],
+    comm: Collectives,
+    n_pools: int,
+    targets: torch.Tensor,
+    seed: int,
+    by_magnitude: bool,
+    all_active: bool = False,
 ) -> None:
     """Exact counts per pool, placed by keyed random scores (a seeded random subset that any
-    partition reproduces) or, for the global distribution, by initial weight magnitude."""
-    sizes = torch.zeros(n_pools, dtype=torch.long)
-    for s in shards:
-        pools = s.pool_ids()
-        if isinstance(pools, int):
-            sizes[pools] += s.numel
-        else:
-            sizes += torch.bincount(pools.cpu(), minlength=n_pools)
-    sizes = comm.all_reduce_sum(sizes.to(shards[0].mask.device)).cpu() if shards else sizes
-    if bool((targets == sizes).all()):
+    partition reproduces) or, for the global distribution, by initial weight magnitude.
+    ``all_active``: every target is its pool's size (dense start, as GMP's), so no selection runs."""
+    if all_active:
         new = [torch.ones_like(s.mask) for s in shards]
     else:
         if by_magnitude:
