@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-_RNN_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
+from .layers import RNN_WEIGHT_PREFIXES
 
 
 def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
@@ -33,7 +33,7 @@ def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
             else:
                 rows = x.numel() // module.input_size
             for pname, p in module.named_parameters(recurse=False):
-                if pname.startswith(_RNN_WEIGHT_PREFIXES):
+                if pname.startswith(RNN_WEIGHT_PREFIXES):
                     uses[names[id(p)]] = uses.get(names[id(p)], 0) + rows
             return
         weight = getattr(module, "weight", None)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RNN_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
+RNN_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -71,7 +71,7 @@ def default_sparse_weights(model: nn.Module) -> List[str]:
                 wanted.add(id(weight))
         elif isinstance(module, nn.RNNBase):
             for pname, p in module.named_parameters(recurse=False):
-                if pname.startswith(_RNN_WEIGHT_PREFIXES):
+                if pname.startswith(RNN_WEIGHT_PREFIXES):
                     wanted.add(id(p))
     return [n for n, p in model.named_parameters() if id(p) in wanted and id(p) not in excluded]
 
