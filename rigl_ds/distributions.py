@@ -117,8 +117,11 @@ def layer_sparsities(
         raw = {n: _raw_score(shapes[n], method, erk_power_scale) for n in active}
         divisor = sum(raw[n] * math.prod(shapes[n]) for n in active)
         eps = budget / divisor
-        if eps < 0:
-            raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers alone exceed the parameter budget")
+        if eps <= 0:
+            raise ValueError(
+                f"sparsity {sparsity} cannot be met: the dense layers use the whole parameter budget, "
+                f"leaving nothing for {sorted(active)[:5]}"
+            )
         max_raw = max(raw.values())
         if max_raw * eps > 1.0:
             # Every layer at the maximum score becomes dense; solve again (rigl/sparse_utils.py).
@@ -137,8 +140,8 @@ def _global_sparsities(shapes, free, sparsity, dense, custom, weights) -> Dict[s
     if missing:
         raise ValueError(f"distribution 'global': weights missing for layers {missing}")
     budget = free_budget(shapes, sparsity, dense, custom)
-    if budget < 0:
-        raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers alone exceed the parameter budget")
+    if budget <= 0:
+        raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers use the whole parameter budget")
     scores = [weights[n].detach().reshape(-1).abs() for n in free]
     kept = select_topk(scores, [0] * len(scores), torch.tensor([budget]))
     return {n: 1.0 - int(k.sum()) / math.prod(shapes[n]) for n, k in zip(free, kept)}

@@ -90,6 +90,8 @@ class SparsityPlan:
         out = torch.zeros(self.n_pools, dtype=torch.long)
         if self.config.distribution == "global":
             out[0] = free_budget(self.unit_shapes, sparsity, self.dense_units, self.custom_units)
+            if out[0] <= 0 and any(0 in layer.pools for layer in self.layers):
+                raise ValueError(f"sparsity {sparsity} cannot be met: the dense layers use the whole parameter budget")
             for layer in self.layers:
                 for unit, pool in zip(layer.unit_names, layer.pools):
                     if unit in self.custom_units:
@@ -169,4 +171,9 @@ def build_plan(config: RigLConfig, shapes: Mapping[str, Sequence[int]]) -> Spars
         layers.append(LayerPlan(n, tuple(shapes[n]), axis, blocks, tuple(pools), index=len(layers)))
     if not layers:
         raise ValueError("rigl.dense_layers: every sparsifiable weight is listed as dense; nothing left to sparsify")
-    return SparsityPlan(config, layers, n_pools, unit_shapes, dense_units, custom_units, dense_weights)
+    plan = SparsityPlan(config, layers, n_pools, unit_shapes, dense_units, custom_units, dense_weights)
+    try:
+        plan.targets(config.sparsity)  # the budget must be met at start-up, not discovered mid-run
+    except ValueError as exc:
+        raise ValueError(f"rigl.sparsity / rigl.dense_layers: {exc}") from None
+    return plan

@@ -123,6 +123,8 @@ def test_end_step_needs_total_steps_when_only_end_fraction_is_set():
         ({"custom_sparsity": {"fc1": 0.5, "fc*": 0.6}}, "rigl.custom_sparsity"),
         ({"mask_groups": {"fc1": {"axis": 0, "blocks": 2}, "fc*": {"axis": 0, "blocks": 4}}}, "rigl.mask_groups"),
         ({"dense_layers": ["fc1"], "custom_sparsity": {"fc*": 0.5}}, "rigl.dense_layers and rigl.custom_sparsity"),
+        ({"sparsity": 0.5, "dense_layers": ["fc2"]}, "rigl.sparsity / rigl.dense_layers"),
+        ({"sparsity": 0.5, "dense_layers": ["fc2"], "distribution": "global"}, "rigl.sparsity / rigl.dense_layers"),
     ],
 )
 def test_patterns_are_checked_against_the_model(block, key):

@@ -124,7 +124,12 @@ def test_global_keeps_one_magnitude_threshold_across_layers():
         (dict(custom={"a": 1.5}), r"custom sparsities must be in \[0, 1\)"),
         (dict(dense=["a"], custom={"a": 0.2}), r"layers both dense and custom: \['a'\]"),
         (dict(method="global"), "needs the layers' weights"),
-        (dict(dense=["a"], sparsity=0.95), "dense layers alone exceed"),
+        (dict(dense=["a"], sparsity=0.95), "dense layers use the whole parameter budget"),
+        (dict(shapes={"a": (10, 10), "b": (10, 10)}, dense=["a"], sparsity=0.5), "leaving nothing for"),
+        (
+            dict(method="global", dense=["a"], sparsity=0.95, weights={"b": torch.ones(3, 4)}),
+            "dense layers use the whole",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_error_that_says_which(kwargs, match):

@@ -435,3 +435,30 @@ def test_controller_remasks_gradients_after_an_update_even_if_the_adapter_masked
     assert ctrl.was_update_step
     for n in MASKED:
         assert torch.all(params[n].grad[~sparse.masks[n]] == 0)
+
+
+def test_dense_layers_get_no_mask_and_custom_layers_keep_their_exact_sparsity():
+    model, opt, sparse = make({"sparsity": 0.3, "distribution": "erk", "dense_layers": ["fc2"], "end_step": 50})
+    assert list(sparse.masks) == ["fc1.weight"]  # fc2 is dense: no mask at all
+    n = 48 * 96
+    # fc1 pays for fc2's share: (n - floor(0.3 n)) - floor(0.3 n) = 1844 active, up to the floor rounding
+    assert abs(int(sparse.masks["fc1.weight"].sum()) - 1844) <= 1
+    with pytest.raises(rigl_ds.RigLConfigError, match="whole parameter budget"):
+        make({"sparsity": 0.5, "dense_layers": ["fc2"], "end_step": 50})  # fc1 would get nothing
+    model, opt, sparse = make({"sparsity": 0.9, "custom_sparsity": {"fc2": 0.5}, "end_step": 50, "delta_t": 1})
+    x, y = task()
+    for _ in range(5):
+        train_step(model, opt, sparse, x, y)
+        assert int((~sparse.masks["fc2.weight"]).sum()) == math.floor(0.5 * n)
+        assert int((~sparse.masks["fc1.weight"]).sum()) == math.floor(0.9 * n)  # alone in the budget
+
+
+def test_gmp_under_the_global_distribution_prunes_one_pool_to_the_overall_target():
+    model, opt, sparse = make(
+        {"method": "gmp", "distribution": "global", "sparsity": 0.8, "delta_t": 5, "end_step": 30}
+    )
+    x, y = task()
+    for _ in range(35):
+        train_step(model, opt, sparse, x, y)
+    n = 48 * 96
+    assert sum(counts(sparse).values()) == 2 * (n - math.floor(0.8 * n))
