@@ -462,3 +462,45 @@ def test_gmp_under_the_global_distribution_prunes_one_pool_to_the_overall_target
         train_step(model, opt, sparse, x, y)
     n = 48 * 96
     assert sum(counts(sparse).values()) == 2 * (n - math.floor(0.8 * n))
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "gmp"])
+def test_a_bf16_model_keeps_exact_counts_and_exact_zeros(method):
+    block = {"method": method, "sparsity": 0.8, "delta_t": 3, "end_step": 30}
+    torch.manual_seed(0)
+    model = TinyLM().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sparse = rigl_ds.sparsify(model, opt, block, total_steps=40)
+    params = dict(model.named_parameters())
+    x, y = task()
+    start = counts(sparse)
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        sparse.step()
+        opt.zero_grad()
+        for n in MASKED:
+            assert torch.all(params[n].detach()[~sparse.masks[n]] == 0)
+            for key, state in layer_states(opt, params[n]).items():
+                assert torch.all(state[~sparse.masks[n]] == 0), key
+        if method != "gmp":
+            assert counts(sparse) == start
+    assert len(sparse.controller.history) == 7
+
+
+def test_with_gradient_accumulation_rigl_grows_by_the_accumulated_dense_gradient():
+    model, opt, sparse = make({"method": "rigl", "delta_t": 10, "end_step": 100})
+    params = dict(model.named_parameters())
+    x, y = task(n=128)
+    for half in (slice(0, 64), slice(64, 128)):  # two micro-batches, one optimizer step
+        (nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
+    grad = {n: params[n].grad.detach().abs().clone() for n in MASKED}
+    full = {n: torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params[n])[0].abs() for n in MASKED}
+    old = {n: m.clone() for n, m in sparse.masks.items()}
+    sparse.step()
+    for n in MASKED:
+        assert torch.allclose(grad[n], full[n], atol=1e-6)  # dense: nothing masked it during backward
+        grown = sparse.masks[n] & ~old[n]
+        not_chosen = ~sparse.masks[n] & ~old[n]
+        assert float(grad[n][grown].min()) >= float(grad[n][not_chosen].max())
+    assert sparse.step_count == 1
