@@ -9,8 +9,8 @@ is a pure function of the config and the weights' global shapes, so all processe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -69,12 +69,10 @@ class SparsityPlan:
     unit_shapes: Dict[str, Tuple[int, ...]]
     dense_units: List[str]  # kept dense: no mask, but they count in the budget
     custom_units: Dict[str, float]
-    dense_weights: List[str] = field(default_factory=list)
 
-    def unit_sparsities(
-        self, sparsity: float, weights: Optional[Mapping[str, torch.Tensor]] = None
-    ) -> Dict[str, float]:
-        """Per-unit sparsity at an overall ``sparsity``, dense units included (at 0)."""
+    def unit_sparsities(self, sparsity: float) -> Dict[str, float]:
+        """Per-unit sparsity at an overall ``sparsity``, dense units included (at 0). Not for the
+        global distribution, whose split across layers follows the weights (see ``targets``)."""
         return layer_sparsities(
             self.unit_shapes,
             sparsity,
@@ -82,7 +80,6 @@ class SparsityPlan:
             dense=self.dense_units,
             custom=self.custom_units,
             erk_power_scale=self.config.erk_power_scale,
-            weights=weights,
         )
 
     def targets(self, sparsity: float) -> torch.Tensor:
@@ -171,7 +168,7 @@ def build_plan(config: RigLConfig, shapes: Mapping[str, Sequence[int]]) -> Spars
         layers.append(LayerPlan(n, tuple(shapes[n]), axis, blocks, tuple(pools), index=len(layers)))
     if not layers:
         raise ValueError("rigl.dense_layers: every sparsifiable weight is listed as dense; nothing left to sparsify")
-    plan = SparsityPlan(config, layers, n_pools, unit_shapes, dense_units, custom_units, dense_weights)
+    plan = SparsityPlan(config, layers, n_pools, unit_shapes, dense_units, custom_units)
     try:
         plan.targets(config.sparsity)  # the budget must be met at start-up, not discovered mid-run
     except ValueError as exc:
