@@ -2,7 +2,7 @@
 
 The method code runs over ``Shard`` objects and a ``Collectives`` object only. The plain-PyTorch
 path uses ``WholeTensorShard`` (offset 0, the whole weight) and ``LocalCollectives`` (no-op
-reductions, exact sort-based top-k); the sharded DeepSpeed path supplies views onto ZeRO
+reductions, the exact single-process top-k of ``topk.py``); the sharded path supplies views onto ZeRO
 partitions and collective-based selection, and the same method code runs unchanged.
 """
 
@@ -102,6 +102,9 @@ class Collectives:
         eligible: Optional[Sequence[torch.Tensor]] = None,
         shards: Optional[Sequence[Shard]] = None,
     ) -> List[torch.Tensor]:
+        """``topk.select_topk`` over every process's entries together: the same result as one process
+        holding whole tensors. ``shards`` gives each layer's global offset, which a sharded
+        implementation needs to break ties by global position."""
         raise NotImplementedError
 
 
