@@ -20,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from ..corpus import verified_kjv_path
+from .models import lm_loss
 
 PathLike = Union[str, Path]
 EOS = "<|endoftext|>"
@@ -100,8 +101,9 @@ def train_tokenizer(
 
 
 def lm_blocks(split: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> datasets.Dataset:
-    """Documents joined by newlines, tokenised, and cut into ``seq_len``-token blocks (the last
-    partial block dropped), with the characters each block covers, for bits per character."""
+    """Documents joined by newlines, tokenised, and cut into ``seq_len``-token blocks, with the
+    characters each block covers, for bits per character. As in Hugging Face's run_clm, blocks are
+    cut per map batch of 2000 documents and each batch's partial last block is dropped."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
 
@@ -125,8 +127,6 @@ def evaluate(
     model: torch.nn.Module, blocks: datasets.Dataset, batch_size: int = 16, max_blocks: Optional[int] = None
 ) -> Dict[str, float]:
     """Validation loss (nats per predicted token), perplexity and bits per character."""
-    from .models import lm_loss
-
     was_training = model.training
     model.eval()
     n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
