@@ -8,6 +8,7 @@ entries at zero. It holds no tensors but the masks (inside the shards) and the m
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -119,11 +120,16 @@ class SparseController:
         return self._is_update_step
 
     def _update(self, t: int) -> None:
+        comm_before, start = self.comm.stats.copy(), time.perf_counter()
         stats = self.method.update(self.shards, self.comm, t)
+        spent = self.comm.stats - comm_before
+        stats.seconds = time.perf_counter() - start
+        stats.collectives, stats.bytes_sent, stats.comm_seconds = spent.collectives, spent.bytes_sent, spent.seconds
         self.last_update = t
         self.history.append(stats)
         logger.info(
-            "rigl_ds: step %d %s update: drop fraction %.4f, dropped %d, grown %d (regrown %d), active %d",
+            "rigl_ds: step %d %s update: drop fraction %.4f, dropped %d, grown %d (regrown %d), active %d; "
+            "%.3f s, %d collectives, %d bytes sent (%.3f s in collectives)",
             t,
             self.config.method,
             stats.drop_fraction,
@@ -131,6 +137,10 @@ class SparseController:
             stats.grown,
             stats.regrown,
             stats.n_active,
+            stats.seconds,
+            stats.collectives,
+            stats.bytes_sent,
+            stats.comm_seconds,
         )
 
     # -- reporting and checkpoints ----------------------------------------------------------

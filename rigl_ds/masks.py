@@ -25,6 +25,11 @@ class UpdateStats:
     grown: int = 0  # inactive before, active after (weight and state start per grow_init / zero)
     regrown: int = 0  # chosen by drop, then grown again in the same update: keeps weight and state
     n_active: int = 0
+    # What the update cost this process (filled in by the controller).
+    collectives: int = 0
+    bytes_sent: int = 0  # per rank, ring-algorithm estimate; 0 in a single process
+    comm_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def pool_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ partitions and collective-based selection, and the same method code runs unchang
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -56,42 +57,92 @@ class Shard:
         return self.layer.pool_ids(self.global_indices())
 
 
-class WholeTensorShard(Shard):
-    """The whole parameter of a plain-PyTorch model, with its torch optimizer's state."""
+class ParamRangeShard(Shard):
+    """Entries [start, end) of a plain parameter, with the matching slices of its torch optimizer's
+    state: the whole tensor in the plain path, a rank's range in tests of the sharded path."""
 
-    def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer: Optional[torch.optim.Optimizer]):
+    def __init__(
+        self,
+        layer: LayerPlan,
+        param: torch.nn.Parameter,
+        optimizer: Optional[torch.optim.Optimizer],
+        start: int = 0,
+        end: Optional[int] = None,
+    ):
         if tuple(param.shape) != layer.shape:
             raise ValueError(
                 f"{layer.name}: parameter shape {tuple(param.shape)} differs from the plan's {layer.shape}"
             )
         if not param.is_contiguous():
             raise ValueError(f"{layer.name}: masked parameters must be contiguous")
-        super().__init__(layer, 0, param.numel(), param.device)
+        end = param.numel() if end is None else end
+        super().__init__(layer, start, end - start, param.device)
         self.param = param
         self.optimizer = optimizer
 
+    def _range(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1)[self.offset : self.offset + self.numel]
+
     @property
     def weight(self) -> torch.Tensor:
-        return self.param.data.view(-1)
+        return self._range(self.param.data)
 
     def grad(self) -> Optional[torch.Tensor]:
-        return None if self.param.grad is None else self.param.grad.view(-1)
+        return None if self.param.grad is None else self._range(self.param.grad)
 
     def optimizer_states(self) -> List[torch.Tensor]:
         if self.optimizer is None:
             return []
         state = self.optimizer.state.get(self.param, {})
         return [
-            v.view(-1)
+            self._range(v)
             for v in state.values()
             if isinstance(v, torch.Tensor) and v.shape == self.param.shape and v.is_floating_point()
         ]
 
 
+class WholeTensorShard(ParamRangeShard):
+    """The whole parameter of a plain-PyTorch model, with its torch optimizer's state."""
+
+    def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer: Optional[torch.optim.Optimizer]):
+        super().__init__(layer, param, optimizer)
+
+
+@dataclass
+class CommStats:
+    """Collectives this process has issued: how many, the bytes it sent, and the time spent in them.
+
+    Bytes are what a ring algorithm sends per rank: 2(w-1)/w of the payload for an all_reduce,
+    (w-1) times this rank's contribution for an all_gather. Zero in a single process."""
+
+    collectives: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    def copy(self) -> "CommStats":
+        return replace(self)
+
+    def __sub__(self, other: "CommStats") -> "CommStats":
+        return CommStats(
+            self.collectives - other.collectives, self.bytes_sent - other.bytes_sent, self.seconds - other.seconds
+        )
+
+
 class Collectives:
     """Reductions and exact selection across the processes that share the layers."""
 
+    world_size: int = 1
+    rank: int = 0
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, in place; returns ``tensor``."""
+        raise NotImplementedError
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D ``row`` stacked in rank order: shape (world_size, len(row))."""
         raise NotImplementedError
 
     def select_topk(
@@ -113,6 +164,9 @@ class LocalCollectives(Collectives):
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        return row.unsqueeze(0)
 
     def select_topk(self, scores, pools, k, eligible=None, shards=None):
         return select_topk(scores, pools, k, eligible)

@@ -91,7 +91,9 @@ def select_topk(
         if len(in_pools) == 1:
             chosen = _select_one_pool(s, e, int(k[in_pools[0]]))
         else:
-            chosen = _select_by_sort(s, p, k)
+            # Ineligible entries go to an extra pool with k = 0, so an eligible score of -inf
+            # never loses its place to them.
+            chosen = _select_by_sort(s, torch.where(e, p, k.numel()), torch.cat([k, k.new_zeros(1)]))
         for i, part in zip(comp, torch.split(chosen, [scores[i].numel() for i in comp])):
             out[i] = part.view(scores[i].shape)
     return out  # type: ignore[return-value]
