@@ -27,4 +27,13 @@ __all__ = [
     "FlopsReport",
     "expected_training_flops",
     "weight_uses",
+    "initialize",
 ]
+
+
+def initialize(*args, **kwargs):
+    """``deepspeed.initialize`` with the config's ``"rigl"`` block applied (see
+    ``rigl_ds.integrations.deepspeed``); imports DeepSpeed only when called."""
+    from .integrations.deepspeed import initialize as _initialize
+
+    return _initialize(*args, **kwargs)

@@ -8,7 +8,7 @@ Knows nothing of transformers: ``Conv1D`` is recognised by class name.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +59,11 @@ def _head_weights(model: nn.Module, embedding_weights: Set[int]) -> Set[int]:
     return heads | set(last_onto_vocab.values())
 
 
+def global_shape(p: torch.Tensor) -> Tuple[int, ...]:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it (it then keeps ``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def default_sparse_weights(model: nn.Module) -> List[str]:
     """Names (as in ``named_parameters``) of the weights sparsified when ``modules`` is not set."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -67,7 +72,7 @@ def default_sparse_weights(model: nn.Module) -> List[str]:
     for module in model.modules():
         if isinstance(module, (nn.Linear,) + _CONV_TYPES) or type(module).__name__ == "Conv1D":
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            if isinstance(weight, torch.Tensor) and len(global_shape(weight)) >= 2:
                 wanted.add(id(weight))
         elif isinstance(module, nn.RNNBase):
             for pname, p in module.named_parameters(recurse=False):
@@ -91,7 +96,7 @@ def find_sparse_weights(model: nn.Module, modules: Optional[Sequence[str]] = Non
     matched = resolve_patterns(modules, list(params), "modules")
     chosen: Set[str] = set()
     for pattern, hits in matched.items():
-        flat = [n for n in hits if params[n].dim() < 2]
+        flat = [n for n in hits if len(global_shape(params[n])) < 2]
         if flat:
             raise ValueError(
                 f"rigl.modules: pattern {pattern!r} matches {flat[:3]}, which are not weight matrices "

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, world: int, workdir: str, target: str, args: tuple) -> None:
     torch.set_num_threads(1)  # ranks share the cores; more threads each makes them several times slower
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as a launcher would
     dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
     try:
         module, name = target.split(":")

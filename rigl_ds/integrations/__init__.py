@@ -1,0 +1,1 @@
+"""Adapters to training frameworks; each imports its framework only when used."""

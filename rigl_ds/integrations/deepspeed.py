@@ -1,0 +1,221 @@
+"""``rigl_ds.initialize``: ``deepspeed.initialize`` plus the ``"rigl"`` block of the same config.
+
+The user's loop does not change (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
+On each optimizer step (the gradient-accumulation boundary) the engine's ``step`` first runs the
+sparse controller on the reduced gradients (masking them, so clipping sees the sparse model's
+norm, and updating masks on update steps), then DeepSpeed's own step, whose torch optimizer is
+wrapped to skip the step where the config says so and to zero masked fp32 entries right after it,
+before DeepSpeed copies them into the low-precision weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..config import RigLConfig, RigLConfigError, load_config
+from ..controller import SparseController
+from ..layers import find_sparse_weights, global_shape
+from ..masks import apply_masks
+from ..plan import build_plan
+from ..shards import Shard
+
+logger = logging.getLogger("rigl_ds")
+
+
+def _ds_config_dict(config: Any, args: Any) -> Optional[Dict[str, Any]]:
+    """The DeepSpeed config as a dict, from whichever place deepspeed.initialize would read it."""
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        return None
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    if isinstance(config, dict):
+        return config
+    raise RigLConfigError(f"DeepSpeed config must be a dict or a JSON path, got {type(config).__name__}")
+
+
+def initialize(*args: Any, total_steps: Optional[int] = None, **kwargs: Any):
+    """Same arguments and return values as ``deepspeed.initialize``. With a ``"rigl"`` block in
+    the config, the returned engine trains sparse; without one it is DeepSpeed's engine untouched.
+
+    ``total_steps`` (optimizer steps) is needed only when the block ends updates by
+    ``end_fraction`` rather than ``end_step``."""
+    import deepspeed
+
+    model = kwargs.get("model", args[1] if len(args) > 1 else None)
+    config = _ds_config_dict(
+        kwargs.get("config", kwargs.get("config_params")), kwargs.get("args", args[0] if args else None)
+    )
+    block = None if config is None else config.get("rigl")
+    if block is not None:
+        # Validate the block, and its patterns against the model, before DeepSpeed builds anything.
+        rigl_config = load_config(block)
+        if model is None:
+            raise ValueError("rigl_ds.initialize needs the model (model=...)")
+        _plan_for(model, rigl_config)
+    out = deepspeed.initialize(*args, **kwargs)
+    if block is None:
+        return out
+    engine = out[0]
+    SparseEngine(engine, rigl_config, total_steps)
+    return out
+
+
+class SparseEngine:
+    """Masks, schedule and updates attached to one DeepSpeed engine (``engine.rigl``)."""
+
+    def __init__(self, engine, config: RigLConfig, total_steps: Optional[int] = None):
+        from ..zero import zero_shards
+
+        self.engine = engine
+        self.config = config
+        weights, self.plan = _plan_for(engine.module, config)
+        self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
+        self.controller = SparseController(config, self.plan, self.shards, self.comm, total_steps)
+        self.controller.initialize_masks()
+        self._refresh_low_precision()
+        self._skip_optimizer = False
+        self._states_linked = False
+        self._engine_step = engine.step
+        self._basic = engine.basic_optimizer
+        self._basic_step = self._basic.step
+        engine.step = self.step
+        self._basic.step = self._wrapped_basic_step
+        self._save, self._load = engine.save_checkpoint, engine.load_checkpoint
+        engine.save_checkpoint = self.save_checkpoint
+        engine.load_checkpoint = self.load_checkpoint
+        engine.rigl = self
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, *args: Any, **kwargs: Any):
+        engine = self.engine
+        if not engine.is_gradient_accumulation_boundary():
+            return self._engine_step(*args, **kwargs)
+        run = self.controller.before_step()
+        self._skip_optimizer = not run
+        try:
+            out = self._engine_step(*args, **kwargs)
+        finally:
+            self._skip_optimizer = False
+        self._link_optimizer_state()
+        updates_before = len(self.controller.history)
+        self.controller.after_step(run)
+        if len(self.controller.history) != updates_before:
+            self._refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
+        return out
+
+    def _wrapped_basic_step(self, *args: Any, **kwargs: Any):
+        if self._skip_optimizer:
+            return None
+        out = self._basic_step(*args, **kwargs)
+        stepped = {id(p) for group in self._basic.param_groups for p in group["params"]}
+        apply_masks([s for s in self.shards if _storage_id(s) in stepped])
+        return out
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO-1/2 and BF16_Optimizer link each parameter's optimizer-state fragments once, right
+        after their first step, even when that step did nothing (a skipped RigL update step, when
+        no state exists yet): they would never see the state created later. Link again once the
+        torch optimizer has state."""
+        if self.layout != "fragments" or self._states_linked or not any(self._basic.state.values()):
+            return
+        self.engine.optimizer._hp_optimizer_states_linked = False
+        self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        self._states_linked = True
+
+    def _refresh_low_precision(self) -> None:
+        """Low-precision copies must show the masks: ZeRO-3 and stage 0 wrote them through the
+        shard views; ZeRO-1/2 and BF16_Optimizer re-copy and all-gather (each rank's copy of the
+        whole parameter holds other ranks' fragments)."""
+        if self.layout == "fragments":
+            self.engine.optimizer.update_lp_params()
+
+    # -- reporting --------------------------------------------------------------------------------
+    def layer_report(self) -> List[Dict[str, Any]]:
+        return self.controller.layer_report()
+
+    @property
+    def history(self):
+        return self.controller.history
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, *args: Any, **kwargs: Any):
+        if tag is None:
+            tag = f"global_step{self.engine.global_steps}"  # DeepSpeed's own default
+        out = self._save(save_dir, tag, *args, **kwargs)
+        path = os.path.join(save_dir, str(tag), "rigl_ds")
+        os.makedirs(path, exist_ok=True)
+        state = self.controller.state_dict()
+        state["ranges"] = {s.layer.name: (s.offset, s.numel) for s in self.shards}
+        state["world_size"] = self.comm.world_size
+        torch.save(state, os.path.join(path, f"rank{self.comm.rank:05d}.pt"))
+        _barrier()
+        return out
+
+    def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
+        load_path, client_state = self._load(load_dir, tag, *args, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+        folder = os.path.join(os.path.dirname(load_path), "rigl_ds")
+        own = os.path.join(folder, f"rank{self.comm.rank:05d}.pt")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{os.path.dirname(load_path)} has no rigl_ds state: not saved by a rigl_ds engine")
+        self._states_linked = False  # loading replaced the optimizer's state tensors: link the new ones
+        self._link_optimizer_state()
+        state = torch.load(own, map_location="cpu", weights_only=False)
+        if state.get("ranges") != {s.layer.name: (s.offset, s.numel) for s in self.shards}:
+            state = _reslice(folder, self.shards, state)
+        self.controller.load_state_dict(state)
+        self._refresh_low_precision()
+        return load_path, client_state
+
+
+def _plan_for(model: torch.nn.Module, config: RigLConfig):
+    try:
+        weights = find_sparse_weights(model, config.modules)
+        return weights, build_plan(config, {n: global_shape(p) for n, p in weights.items()})
+    except ValueError as exc:
+        raise RigLConfigError(str(exc)) from None
+
+
+def _reslice(folder: str, shards: List[Shard], template: Dict[str, Any]) -> Dict[str, Any]:
+    """Masks and per-entry method state for this rank's ranges, cut from every saved rank's
+    ranges (a checkpoint from another world size or layout). One saved file in memory at a time."""
+    masks = {s.layer.name: torch.zeros(s.numel, dtype=torch.bool) for s in shards}
+    method: Dict[str, torch.Tensor] = {}
+    files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
+    for f in files:
+        saved = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False)
+        for s in shards:
+            start, numel = saved["ranges"][s.layer.name]
+            lo, hi = max(start, s.offset), min(start + numel, s.offset + s.numel)
+            if lo >= hi:
+                continue
+            masks[s.layer.name][lo - s.offset : hi - s.offset] = saved["masks"][s.layer.name][lo - start : hi - start]
+            for key, value in saved["method_state"].items():
+                if key.endswith("." + s.layer.name) and value.numel() == numel:
+                    dest = method.setdefault(key, torch.zeros(s.numel, dtype=value.dtype))
+                    dest[lo - s.offset : hi - s.offset] = value[lo - start : hi - start]
+    state = dict(template)
+    state["masks"] = masks
+    state["method_state"] = method
+    return state
+
+
+def _storage_id(shard: Shard) -> Optional[int]:
+    storage = getattr(shard, "storage", None)
+    return None if storage is None else id(storage)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
