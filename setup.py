@@ -23,6 +23,8 @@ setup(
         "accelerate>=1.15,<2",
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
+        "safetensors>=0.4,<1",
     ],
     extras_require={"test": ["pytest>=9.2,<10", "hypothesis>=6.100,<7"]},
+    entry_points={"console_scripts": ["rigl-ds-export = rigl_ds.export:main"]},
 )

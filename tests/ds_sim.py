@@ -120,9 +120,11 @@ def train(
     sparse = engine.rigl
     names = [sh.layer.name for sh in sparse.shards]
     start = 0
+    masks_at_load = None
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
         start = engine.global_steps
+        masks_at_load = full_masks(sparse)
     losses, masks_per_step, violations, copies_per_step = [], [], [], []
     for step in range(start, steps):
         x = batch(family, step)
@@ -140,6 +142,8 @@ def train(
             engine.save_checkpoint(save_dir)
     return {
         "layout": sparse.layout,
+        "local_mask_entries": sum(sh.mask.numel() for sh in sparse.shards),
+        "masked_entries": sum(sh.layer.numel for sh in sparse.shards),
         "report": sparse.layer_report(),
         "targets": sparse.plan.targets(sparse.config.sparsity).tolist(),
         "pool_counts": sparse.controller.active_counts().tolist(),
@@ -150,6 +154,7 @@ def train(
         "violations": violations,
         "final": full_copies(engine, stage, names),
         "copies": copies_per_step,
+        "masks_at_load": masks_at_load,
     }
 
 
@@ -174,3 +179,8 @@ def dense_without_block() -> Dict[str, Any]:
     engine.step()
     zeros = sum(int((p.detach() == 0).sum()) for p in engine.module.parameters() if p.dim() > 1)
     return {"is_deepspeed_engine": isinstance(engine, deepspeed.DeepSpeedEngine), "wrapped": wrapped, "zeros": zeros}
+
+
+def train_and_export(stage: int, dtype: str, folder: str) -> Dict[str, Any]:
+    """Trains and saves on every rank; the test then exports the checkpoint in its own process."""
+    return train(stage=stage, dtype=dtype, steps=5, save_at=5, save_dir=folder)

@@ -154,6 +154,7 @@ class SparseEngine:
         os.makedirs(path, exist_ok=True)
         state = self.controller.state_dict()
         state["ranges"] = {s.layer.name: (s.offset, s.numel) for s in self.shards}
+        state["shapes"] = {s.layer.name: tuple(s.layer.shape) for s in self.shards}
         state["world_size"] = self.comm.world_size
         torch.save(state, os.path.join(path, f"rank{self.comm.rank:05d}.pt"))
         _barrier()
@@ -163,15 +164,20 @@ class SparseEngine:
         load_path, client_state = self._load(load_dir, tag, *args, **kwargs)
         if load_path is None:
             return load_path, client_state
-        folder = os.path.join(os.path.dirname(load_path), "rigl_ds")
-        own = os.path.join(folder, f"rank{self.comm.rank:05d}.pt")
+        tag_dir = os.path.dirname(load_path)
+        folder = os.path.join(tag_dir, "rigl_ds")
+        if not os.path.isdir(folder) and tag_dir.endswith("_universal"):
+            # ds_to_universal writes a new folder beside the original and does not copy ours.
+            folder = os.path.join(tag_dir.removesuffix("_universal"), "rigl_ds")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{os.path.dirname(load_path)} has no rigl_ds state: not saved by a rigl_ds engine")
+            raise FileNotFoundError(f"{tag_dir} has no rigl_ds state: not saved by a rigl_ds engine")
+        own = os.path.join(folder, f"rank{self.comm.rank:05d}.pt")
         self._states_linked = False  # loading replaced the optimizer's state tensors: link the new ones
         self._link_optimizer_state()
-        state = torch.load(own, map_location="cpu", weights_only=False)
+        template = own if os.path.isfile(own) else os.path.join(folder, sorted(os.listdir(folder))[0])
+        state = torch.load(template, map_location="cpu", weights_only=False)
         if state.get("ranges") != {s.layer.name: (s.offset, s.numel) for s in self.shards}:
-            state = _reslice(folder, self.shards, state)
+            state = _reslice(folder, self.shards, state)  # another world size or layout: cut our ranges
         self.controller.load_state_dict(state)
         self._refresh_low_precision()
         return load_path, client_state
