@@ -1,0 +1,132 @@
+"""Per-step cost of the rigl_ds DeepSpeed plugin against the same run without the "rigl" block.
+
+Spawns ranks (gloo on CPU, or NCCL with --backend nccl, one per GPU), builds a Hugging Face GPT-2
+from config (no download) and trains it with ZeRO under each stage asked for, dense and with a RigL
+ERK 90% block, feeding identical batches. Prints per stage: the median whole iteration (forward,
+backward, engine.step) between mask updates, the mask-update iteration, mask initialisation, and
+the ratios against dense, all measured in the same run.
+
+    python bench/deepspeed_overhead.py                          # GPT-2 small, 2 ranks, ZeRO 2 and 3
+    python bench/deepspeed_overhead.py --layers 4 --embd 256 --stages 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
+    import transformers
+
+    import rigl_ds
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = f"cuda:{rank}" if args.backend == "nccl" else "cpu"
+    if args.backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(args.backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(
+        f"{world} ranks ({args.backend}), GPT-2 {args.layers}x{args.embd}, seq {args.seq}, micro-batch {args.batch}, "
+        f"{args.dtype}, {torch.get_num_threads()} threads per rank"
+    )
+    say(
+        f"{'stage':>5} | {'dense ms':>9} | {'rigl ms':>9} | {'ratio':>6} | {'update ms':>9} | {'update/dense':>12} | "
+        f"{'amortised':>9} | {'init s':>6}"
+    )
+
+    def sync():
+        if args.backend == "nccl":
+            torch.cuda.synchronize()
+
+    for stage in args.stages:
+        times = {}
+        for sparse in (False, True):
+            torch.manual_seed(0)
+            cfg = transformers.GPT2Config(
+                n_layer=args.layers, n_embd=args.embd, n_head=args.heads, n_positions=max(args.seq, 64)
+            )
+            model = transformers.GPT2LMHeadModel(cfg)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            config = {
+                "train_micro_batch_size_per_gpu": args.batch,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                "steps_per_print": 10**9,
+            }
+            if args.dtype == "bf16":
+                config["bf16"] = {"enabled": True}
+            if sparse:
+                # One update, at step `update_at`, inside the timed window; none otherwise.
+                config["rigl"] = {
+                    "method": "rigl",
+                    "sparsity": 0.9,
+                    "distribution": "erk",
+                    "delta_t": 10**6,
+                    "begin_step": args.update_at,
+                    "end_step": args.update_at + 1,
+                }
+            dist.barrier()
+            start = time.perf_counter()
+            engine, *_ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
+            sync()
+            init = time.perf_counter() - start
+            steps = []
+            g = torch.Generator().manual_seed(0)
+            for _ in range(args.steps):
+                x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+                dist.barrier()
+                sync()
+                t0 = time.perf_counter()
+                loss = engine(x, labels=x).loss
+                engine.backward(loss)
+                engine.step()
+                sync()
+                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                steps.append(float(t))
+            regular = [t for i, t in enumerate(steps) if i >= args.warmup and i != args.update_at]
+            times[sparse] = (statistics.median(regular), steps[args.update_at] if sparse else None, init)
+            del engine
+        (dense, _, _), (rigl, update, init) = times[False], times[True]
+        amortised = (rigl * (args.delta_t - 1) + update) / (dense * args.delta_t)
+        say(
+            f"{stage:>5} | {dense * 1e3:>9.1f} | {rigl * 1e3:>9.1f} | {rigl / dense:>5.2f}x | {update * 1e3:>9.1f} | "
+            f"{update / dense:>11.2f}x | {amortised:>8.2f}x | {init:>6.1f}"
+        )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--embd", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--update-at", type=int, default=5)
+    p.add_argument("--delta-t", type=int, default=100, help="update interval for the amortised figure")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(
+            _worker, args=(args.world, os.path.join(d, "store"), args), nprocs=args.world, start_method="spawn"
+        )
+
+
+if __name__ == "__main__":
+    main()
