@@ -1,6 +1,9 @@
 """A training script as users write it, started by the ``deepspeed`` launcher in tests:
 
 deepspeed --num_gpus 2 tests/ds_launch_job.py --deepspeed_config ds.json --out report.json
+
+With ``--masks masks.pt`` rank 0 also saves every layer's whole mask (a dict of bool tensors, assembled
+from the ranks' shards with an all_reduce), so runs on different node layouts can be compared.
 """
 
 import argparse
@@ -24,6 +27,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--masks", default=None, help="also save the whole masks here (from rank 0)")
     deepspeed.add_config_arguments(p)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -35,6 +39,7 @@ def main() -> None:
         engine.backward(lm_loss(engine, x))
         engine.step()
     report = engine.rigl.layer_report()
+    masks = ds_sim.full_masks(engine.rigl) if args.masks else None  # a collective: every rank calls it
     if engine.global_rank == 0:
         with open(args.out, "w") as f:
             json.dump(
@@ -46,6 +51,8 @@ def main() -> None:
                 },
                 f,
             )
+        if masks is not None:
+            torch.save(masks, args.masks)
 
 
 if __name__ == "__main__":
