@@ -24,7 +24,12 @@ setup(
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
         "safetensors>=0.4,<1",
+        "tokenizers>=0.21,<1",
+        "matplotlib>=3.8,<4",
+        "tensorboard>=2.15,<3",
     ],
     extras_require={"test": ["pytest>=9.2,<10", "hypothesis>=6.100,<7"]},
-    entry_points={"console_scripts": ["rigl-ds-export = rigl_ds.export:main"]},
+    entry_points={
+        "console_scripts": ["rigl-ds-export = rigl_ds.export:main", "rigl-ds-plot = rigl_ds.lm.plot:main"]
+    },
 )

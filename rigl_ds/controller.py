@@ -40,6 +40,7 @@ class SparseController:
         self.step = 0
         self.last_update = config.begin_step - config.delta_t  # reference: first update at begin_step
         self.skipped_updates = 0
+        self.updates = 0  # mask updates since step 0, across resumes (``history`` is this process's only)
         self.history: List[UpdateStats] = []
         self._update_after_step = False
         self._is_update_step = False
@@ -126,6 +127,7 @@ class SparseController:
         stats.seconds = time.perf_counter() - start
         stats.collectives, stats.bytes_sent, stats.comm_seconds = spent.collectives, spent.bytes_sent, spent.seconds
         self.last_update = t
+        self.updates += 1
         self.history.append(stats)
         logger.info(
             "rigl_ds: step %d %s update: drop fraction %.4f, dropped %d, grown %d (regrown %d), active %d; "
@@ -161,6 +163,7 @@ class SparseController:
             "step": self.step,
             "last_update": self.last_update,
             "skipped_updates": self.skipped_updates,
+            "updates": self.updates,
             "config": self.config.model_dump(),
             "masks": {s.layer.name: s.mask.clone() for s in self.shards},
             "pool_counts": self.active_counts(),
@@ -183,5 +186,6 @@ class SparseController:
         self.step = int(state["step"])
         self.last_update = int(state["last_update"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.updates = int(state.get("updates", 0))
         self.method.load_state_dict(state.get("method_state", {}), self.shards)
         apply_masks(self.shards, with_optimizer_state=True)

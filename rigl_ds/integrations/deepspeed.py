@@ -113,6 +113,9 @@ class SparseEngine:
 
     def _wrapped_basic_step(self, *args: Any, **kwargs: Any):
         if self._skip_optimizer:
+            # A deliberate skip (RigL update step): as in the plain path, keep torch's LR scheduler
+            # from warning that it stepped before the optimizer, which it keys on this flag.
+            self._basic._opt_called = True
             return None
         out = self._basic_step(*args, **kwargs)
         stepped = {id(p) for group in self._basic.param_groups for p in group["params"]}

@@ -1,0 +1,330 @@
+"""The main job: sparse-train a language model under DeepSpeed with the config's ``"rigl"`` block.
+
+``launch/train_lm.py`` is the script users start with the ``deepspeed`` launcher; this module holds
+the loop so tests and other scripts can call it. One DeepSpeed JSON holds everything: DeepSpeed's
+own keys, the ``"rigl"`` block (absent: dense training) and the ``"job"`` block (``job.py``).
+
+Every rank reads the same deterministic batch order, keyed by optimizer step, so a run resumed from
+a checkpoint sees the batches the uninterrupted run would have seen. Rank 0 writes the run folder:
+``metrics.csv`` (one row per logged step), ``summary.json`` and ``layers.json`` at the end,
+``checkpoints/`` (DeepSpeed's, with every rank's mask shard), and TensorBoard/CSV monitor events
+wherever DeepSpeed's ``"tensorboard"`` / ``"csv_monitor"`` settings point.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from ..flops import TrainingFlops, flops_report, weight_uses  # noqa: E402
+from .data import lm_blocks, load_text, train_tokenizer  # noqa: E402
+from .job import JobConfig, load_job  # noqa: E402
+from .models import build_model, lm_loss  # noqa: E402
+
+METRICS = (
+    "step",
+    "tokens",
+    "loss",
+    "perplexity",
+    "lr",
+    "drop_fraction",
+    "active_params",
+    "total_params",
+    "training_flops",
+    "training_flops_vs_dense",
+    "val_loss",
+    "val_perplexity",
+    "val_bits_per_char",
+    "seconds",
+)
+
+
+def read_config(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _init_distributed() -> None:
+    """A plain ``python launch/train_lm.py`` is one rank; under a launcher the env says who we are."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank0_first(fn):
+    """Run ``fn`` on rank 0, then on the others: tokenizer training and ``datasets`` map caches are
+    written once and read by the rest, instead of every rank racing to write the same files."""
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        out = fn()
+    return out
+
+
+def _lr_lambda(job: JobConfig):
+    def factor(step: int) -> float:
+        if job.warmup_steps and step < job.warmup_steps:
+            return (step + 1) / job.warmup_steps
+        if job.lr_schedule == "constant":
+            return 1.0
+        span = max(1, job.steps - job.warmup_steps)
+        t = min(1.0, (step - job.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if job.lr_schedule == "cosine" else 1.0 - t
+        return job.min_lr_fraction + (1 - job.min_lr_fraction) * shape
+
+    return factor
+
+
+def _optimizer(job: JobConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if job.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay)
+    cls = torch.optim.AdamW if job.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=job.lr, weight_decay=job.weight_decay)
+
+
+@torch.no_grad()
+def evaluate_distributed(engine, blocks, max_blocks: int, micro_batch: int) -> Dict[str, float]:
+    """Validation loss, perplexity and bits per character over the first ``max_blocks`` blocks,
+    split evenly over the ranks (every rank runs the same number of forwards, as ZeRO-3's
+    parameter gathering requires) and summed with one all_reduce."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = max(1, min(len(blocks), max_blocks) // world)
+    lo = min(rank * per_rank, len(blocks) - per_rank)
+    device = engine.device
+    sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, chars
+    engine.eval()
+    for i in range(lo, lo + per_rank, micro_batch):
+        batch = blocks[i : min(i + micro_batch, lo + per_rank)]
+        ids = batch["input_ids"].to(device)
+        n = ids[:, 1:].numel()
+        sums[0] += float(lm_loss(engine, ids)) * n
+        sums[1] += n
+        sums[2] += float(batch["chars"].sum()) * (ids.shape[1] - 1) / ids.shape[1]
+    engine.train()
+    dist.all_reduce(sums)
+    loss = float(sums[0] / sums[1])
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": float(sums[0] / math.log(2) / sums[2])}
+
+
+class _Flops:
+    """Training FLOPs spent so far, per token, at the masks of each step (paper's accounting)."""
+
+    def __init__(self, model: torch.nn.Module, probe: torch.Tensor, method: str, delta_t: int):
+        uses = weight_uses(model, probe)
+        self.uses = {n: u / probe.numel() for n, u in uses.items()}
+        self.numels = {n: p.numel() for n, p in model.named_parameters()}
+        self.method, self.delta_t = method, delta_t
+        self.spent = TrainingFlops()
+        self.f_sparse = self.f_dense = 0.0
+
+    def refresh(self, layers: Optional[List[Dict[str, Any]]]) -> None:
+        densities = {r["name"]: 1.0 - r["sparsity"] for r in layers or []}
+        report = flops_report(self.numels, self.uses, densities, self.method, self.delta_t)
+        self.f_sparse, self.f_dense = report.inference_sparse, report.inference_dense
+
+
+def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = False) -> Dict[str, Any]:
+    """Trains per ``config`` (a DeepSpeed config dict with optional ``"rigl"`` and ``"job"``
+    blocks); returns the final summary (on every rank)."""
+    from tqdm import tqdm
+
+    import rigl_ds
+    from rigl_ds.config import load_config
+
+    job = load_job(config.get("job"), overrides)
+    rigl_block = config.get("rigl")
+    if rigl_block is not None:
+        load_config(rigl_block)  # validate before anything is built or any rank starts work
+    _init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        # CPU ranks share the cores: more intra-op threads than cores per rank makes each several times slower.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    out_dir = Path(job.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(job.seed)
+
+    text = _rank0_first(lambda: load_text(job.data, job.validation_fraction))
+    cache = out_dir.parent / "cache"
+    tokenizer = _rank0_first(lambda: train_tokenizer(text["train"], job.tokenizer_kind, job.vocab_size, cache))
+    train_blocks = _rank0_first(lambda: lm_blocks(text["train"], tokenizer, job.seq_len + 1))
+    val_blocks = _rank0_first(lambda: lm_blocks(text["validation"], tokenizer, job.seq_len + 1))
+
+    model = build_model(job.family, len(tokenizer), **job.model)
+    micro = int(config.get("train_micro_batch_size_per_gpu", 1))
+    accumulation = int(config.get("gradient_accumulation_steps", 1))
+    method = (rigl_block or {}).get("method", "rigl") if rigl_block is not None else "dense"
+    flops = _Flops(model, train_blocks[:micro]["input_ids"], method, int((rigl_block or {}).get("delta_t", 100)))
+    total_params = sum(p.numel() for p in model.parameters())
+    masked_numel = 0
+
+    ds_config = {k: v for k, v in config.items() if k != "job"}
+    optimizer = None if "optimizer" in ds_config else _optimizer(job, model)
+    scheduler = None
+    if optimizer is not None and "scheduler" not in ds_config:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(job))
+    engine, _, _, scheduler = rigl_ds.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, total_steps=job.steps
+    )
+    sparse = getattr(engine, "rigl", None)
+    ckpt_dir = out_dir / "checkpoints"
+    start_step, start_tokens = 0, 0
+    if resume:
+        if not (ckpt_dir / "latest").is_file():
+            raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint ('latest' is missing)")
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start_step, start_tokens = int(client["step"]), int(client["tokens"])
+        flops.spent = TrainingFlops(**client["training_flops"])
+    layers = sparse.layer_report() if sparse else None
+    if layers:
+        masked_numel = sum(r["numel"] for r in layers)
+    flops.refresh(layers)
+
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(job.seed))
+    tokens_per_step = micro * accumulation * world * job.seq_len
+    metrics_path = out_dir / "metrics.csv"
+    writer = None
+    if rank == 0:
+        fresh = not (resume and metrics_path.is_file())
+        handle = open(metrics_path, "w" if fresh else "a", newline="")
+        writer = csv.DictWriter(handle, fieldnames=METRICS)
+        if fresh:
+            writer.writeheader()
+    bar = tqdm(
+        total=job.steps,
+        initial=start_step,
+        desc=method,
+        disable=rank != 0,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-steps, since the last log
+    tokens, started, row = start_tokens, time.time(), {}
+    updates_seen = len(sparse.history) if sparse else 0
+    val = None
+    for step in range(start_step, job.steps):
+        for m in range(accumulation):
+            # Per-(step, micro, rank) seeding: dropout and friends replay exactly after a resume.
+            torch.manual_seed(job.seed * 1_000_003 + (step * accumulation + m) * world + rank)
+            first = ((step * accumulation + m) * world + rank) * micro
+            idx = order[(first + torch.arange(micro)) % len(order)]
+            ids = train_blocks[idx]["input_ids"].to(engine.device)
+            loss = lm_loss(engine, ids)
+            engine.backward(loss)
+            engine.step()
+            window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        tokens += tokens_per_step
+        updated = False
+        if sparse and len(sparse.history) != updates_seen:
+            updates_seen, updated = len(sparse.history), True
+            layers = sparse.layer_report()
+            flops.refresh(layers)
+        flops.spent.add(method, flops.f_sparse, flops.f_dense, updated, tokens_per_step)
+        done = step + 1
+        bar.update(1)
+        evaluate_now = done == job.steps or (job.eval_every and done % job.eval_every == 0)
+        if done % job.log_every == 0 or evaluate_now:
+            dist.all_reduce(window)
+            loss_avg = float(window[0] / window[1])
+            window.zero_()
+            val = evaluate_distributed(engine, val_blocks, job.eval_blocks, micro) if evaluate_now else None
+            active = total_params - masked_numel + (sum(r["active"] for r in layers) if layers else 0)
+            row = {
+                "step": done,
+                "tokens": tokens,
+                "loss": loss_avg,
+                "perplexity": math.exp(min(loss_avg, 50.0)),
+                "lr": engine.get_lr()[0],
+                "drop_fraction": sparse.controller.method.drop_fraction(sparse.controller.step) if sparse else 0.0,
+                "active_params": active,
+                "total_params": total_params,
+                "training_flops": flops.spent.total,
+                "training_flops_vs_dense": flops.spent.multiplier,
+                "val_loss": val["loss"] if val else "",
+                "val_perplexity": val["perplexity"] if val else "",
+                "val_bits_per_char": val["bits_per_char"] if val else "",
+                "seconds": round(time.time() - started, 2),
+            }
+            if rank == 0:
+                writer.writerow(row)
+                handle.flush()
+                bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{row['lr']:.2e}", active=active)
+                if val:
+                    bar.write(
+                        f"step {done}: train loss {loss_avg:.3f}, validation loss {val['loss']:.3f}, "
+                        f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.3f} bits/char"
+                    )
+            _monitor(engine, row, done)
+        if (job.save_every and done % job.save_every == 0) or done == job.steps:
+            client = {"step": done, "tokens": tokens, "training_flops": vars(flops.spent)}
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state=client)
+            if rank == 0:
+                _prune_checkpoints(ckpt_dir, job.keep_checkpoints)
+    bar.close()
+    summary = {
+        "family": job.family,
+        "method": method,
+        "steps": job.steps,
+        "world_size": world,
+        "tokens": tokens,
+        "final": row,
+        "validation": val,
+        "training_flops_vs_dense": flops.spent.multiplier,
+        "inference_flops_vs_dense": flops.f_sparse / flops.f_dense if flops.f_dense else 1.0,
+        "total_params": total_params,
+        "mask_updates": sparse.controller.updates if sparse else 0,
+        "layers": layers or [],
+    }
+    if rank == 0:
+        handle.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "layers.json").write_text(json.dumps(layers or [], indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
+    return summary
+
+
+def _monitor(engine, row: Dict[str, Any], step: int) -> None:
+    """Events through DeepSpeed's own monitors (TensorBoard, CSV, W&B), as its config enables them."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False):
+        return
+    events = [(f"Train/rigl_ds/{k}", float(v), step) for k, v in row.items() if k != "step" and v != ""]
+    monitor.write_events(events)
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)),
+        key=lambda p: int(p.name[4:]),
+    )
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
