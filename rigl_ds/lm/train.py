@@ -128,7 +128,7 @@ def evaluate_distributed(engine, blocks, max_blocks: int, micro_batch: int) -> D
         sums[1] += n
         sums[2] += float(batch["chars"].sum()) * (ids.shape[1] - 1) / ids.shape[1]
     engine.train()
-    dist.all_reduce(sums)
+    sums = _all_reduce(sums, device)
     loss = float(sums[0] / sums[1])
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": float(sums[0] / math.log(2) / sums[2])}
 
@@ -183,7 +183,7 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     micro = int(config.get("train_micro_batch_size_per_gpu", 1))
     accumulation = int(config.get("gradient_accumulation_steps", 1))
     method = (rigl_block or {}).get("method", "rigl") if rigl_block is not None else "dense"
-    flops = _Flops(model, train_blocks[:micro]["input_ids"], method, int((rigl_block or {}).get("delta_t", 100)))
+    flops = _Flops(model, train_blocks[:1]["input_ids"], method, int((rigl_block or {}).get("delta_t", 100)))
     total_params = sum(p.numel() for p in model.parameters())
     masked_numel = 0
 
@@ -253,8 +253,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
         bar.update(1)
         evaluate_now = done == job.steps or (job.eval_every and done % job.eval_every == 0)
         if done % job.log_every == 0 or evaluate_now:
-            dist.all_reduce(window)
-            loss_avg = float(window[0] / window[1])
+            reduced = _all_reduce(window, engine.device)
+            loss_avg = float(reduced[0] / reduced[1])
             window.zero_()
             val = evaluate_distributed(engine, val_blocks, job.eval_blocks, micro) if evaluate_now else None
             active = total_params - masked_numel + (sum(r["active"] for r in layers) if layers else 0)
@@ -310,6 +310,13 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
         (out_dir / "layers.json").write_text(json.dumps(layers or [], indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
     return summary
+
+
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    """Sum over ranks on the engine's device (NCCL reduces only device tensors); the result on CPU."""
+    out = t.to(device)
+    dist.all_reduce(out)
+    return out.cpu()
 
 
 def _monitor(engine, row: Dict[str, Any], step: int) -> None:

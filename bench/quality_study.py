@@ -1,0 +1,397 @@
+"""Quality study: does RigL learn as well as the paper says, at equal steps, on this project's corpus?
+
+Dense, a small dense model with the sparse model's parameter count, static, SET, SNFS, RigL and GMP at
+80% and 90% sparsity with ERK and uniform distributions, plus RigL trained 2x longer, each for several
+seeds, on two model families: a GPT-style transformer (BPE) and the paper's character-level GRU
+(narrowed). Every run trains in one process on the plain-PyTorch path (the same method code as the
+DeepSpeed plugin, whose masks are tested equal to it), so no launcher start-up is paid 160 times.
+
+    python bench/quality_study.py                     # the CPU size, two runs at a time on 2 cores
+    python bench/quality_study.py --size gpu --device cuda --workers 1   # wider models, longer runs
+    python bench/quality_study.py --report-only       # rebuild docs/results.md from the results file
+
+Results go to runs/quality/<size>/results.jsonl one line per run as it finishes (a rerun skips runs
+already there, so an interrupted study resumes), then to docs/results.md (tables of mean and std of
+validation bits per character and perplexity, training FLOPs as a multiple of dense) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import rigl_ds  # noqa: E402
+from rigl_ds.layers import find_sparse_weights  # noqa: E402
+from rigl_ds.lm import build_model, evaluate, lm_blocks, lm_loss, load_text, train_tokenizer  # noqa: E402
+
+SIZES = {
+    "cpu": {
+        "char_gru": dict(
+            sizes=dict(embed=64, hidden=192, readout=(128, 64)),
+            width_key="hidden",
+            steps=300,
+            batch=16,
+            seq=64,
+            lr=3e-3,
+            vocab=None,
+        ),
+        "gpt": dict(
+            sizes=dict(n_layer=2, n_embd=128, n_head=4, n_positions=128),
+            width_key="n_embd",
+            steps=200,
+            batch=8,
+            seq=64,
+            lr=2e-3,
+            vocab=2048,
+        ),
+        "seeds": 3,
+        "eval_blocks": 200,
+        "delta_t": 25,
+    },
+    "gpu": {
+        "char_gru": dict(
+            sizes=dict(embed=128, hidden=512, readout=(256, 128)),
+            width_key="hidden",
+            steps=20000,
+            batch=64,
+            seq=256,
+            lr=7e-4,
+            vocab=None,
+        ),
+        "gpt": dict(
+            sizes=dict(n_layer=6, n_embd=512, n_head=8, n_positions=512),
+            width_key="n_embd",
+            steps=20000,
+            batch=32,
+            seq=256,
+            lr=6e-4,
+            vocab=8192,
+        ),
+        "seeds": 3,
+        "eval_blocks": 2000,
+        "delta_t": 100,
+    },
+}
+METHODS = ("static", "set", "snfs", "rigl", "gmp")
+ORDER = ("dense", "small_dense", "static", "set", "snfs", "rigl", "gmp", "rigl_2x")
+
+
+def settings(seeds: int):
+    """Every (family, method, sparsity, distribution, seed) of the study, in the order they run."""
+    for family in ("char_gru", "gpt"):
+        for seed in range(seeds):
+            yield dict(family=family, method="dense", sparsity=0.0, distribution="-", seed=seed)
+            for sparsity in (0.8, 0.9):
+                yield dict(family=family, method="small_dense", sparsity=sparsity, distribution="-", seed=seed)
+                for distribution in ("erk", "uniform"):
+                    for method in (*METHODS, "rigl_2x"):
+                        yield dict(
+                            family=family, method=method, sparsity=sparsity, distribution=distribution, seed=seed
+                        )
+
+
+def key(run) -> str:
+    return f"{run['family']}/{run['method']}/{run['sparsity']}/{run['distribution']}/{run['seed']}"
+
+
+def small_dense_sizes(family: str, spec: dict, vocab: int, sparsity: float) -> dict:
+    """The widest model of the family whose parameter count does not exceed the sparse model's
+    (active masked weights plus every dense parameter), found by trying widths."""
+    model = build_model(_family(family), vocab, **spec["sizes"])
+    masked = sum(p.numel() for p in find_sparse_weights(model, None).values())
+    budget = sum(p.numel() for p in model.parameters()) - masked * sparsity
+    base = spec["sizes"][spec["width_key"]]
+    step = spec["sizes"].get("n_head", 1) if family == "gpt" else 1
+    best = step
+    for width in range(step, base + 1, step):
+        sizes = {**spec["sizes"], spec["width_key"]: width}
+        if family == "char_gru":
+            sizes["readout"] = tuple(max(1, r * width // base) for r in spec["sizes"]["readout"])
+        if sum(p.numel() for p in build_model(_family(family), vocab, **sizes).parameters()) <= budget:
+            best = width
+    sizes = {**spec["sizes"], spec["width_key"]: best}
+    if family == "char_gru":
+        sizes["readout"] = tuple(max(1, r * best // base) for r in spec["sizes"]["readout"])
+    return sizes
+
+
+def _family(family: str) -> str:
+    return "gpt2" if family == "gpt" else family
+
+
+def train_one(run: dict, spec: dict, data: dict, common: dict, device: str) -> dict:
+    torch.manual_seed(run["seed"])
+    vocab = len(data["tokenizer"])
+    sizes = spec["sizes"]
+    if run["method"] == "small_dense":
+        sizes = small_dense_sizes(run["family"], spec, vocab, run["sparsity"])
+    model = build_model(_family(run["family"]), vocab, **sizes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    steps = spec["steps"] * (2 if run["method"] == "rigl_2x" else 1)
+    sparse = None
+    if run["method"] not in ("dense", "small_dense"):
+        block = {
+            "method": "rigl" if run["method"] == "rigl_2x" else run["method"],
+            "sparsity": run["sparsity"],
+            "distribution": run["distribution"],
+            "seed": run["seed"],
+        }
+        if block["method"] != "static":
+            block["delta_t"] = common["delta_t"]
+        sparse = rigl_ds.sparsify(model, optimizer, block, total_steps=steps)
+        probe = data["train"][: spec["batch"]]["input_ids"].to(device)
+        sparse.measure_flops(probe, examples=probe.numel())
+    step_fn = sparse.step if sparse else optimizer.step
+    train = data["train"]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(run["seed"]))
+    start = time.time()
+    for step in range(steps):
+        idx = order[(step * spec["batch"] + torch.arange(spec["batch"])) % len(order)]
+        loss = lm_loss(model, train[idx]["input_ids"].to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step_fn()
+        optimizer.zero_grad(set_to_none=True)
+    val = evaluate(model, data["validation"], max_blocks=common["eval_blocks"])
+    params = sum(p.numel() for p in model.parameters())
+    if sparse:
+        layers = sparse.layer_report()
+        masked = sum(r["numel"] for r in layers)
+        params = params - masked + sum(r["active"] for r in layers)
+    return {
+        **run,
+        "steps": steps,
+        "params": params,
+        "val_loss": val["loss"],
+        "perplexity": val["perplexity"],
+        "bits_per_char": val["bits_per_char"],
+        # Dense training is 1 by definition; small dense is its own dense model (its FLOPs vs the big one).
+        "training_flops_vs_dense": sparse.training_flops.multiplier * steps / spec["steps"] if sparse else None,
+        "seconds": round(time.time() - start, 1),
+        "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
+    }
+
+
+def prepare(family: str, spec: dict, cache: Path) -> dict:
+    text = load_text()
+    kind = "char" if family == "char_gru" else "bpe"
+    tokenizer = train_tokenizer(text["train"], kind, spec["vocab"] or 0, save_dir=cache)
+    return {
+        "tokenizer": tokenizer,
+        "train": lm_blocks(text["train"], tokenizer, spec["seq"] + 1),
+        "validation": lm_blocks(text["validation"], tokenizer, spec["seq"] + 1),
+    }
+
+
+_DATA: dict = {}
+
+
+def _worker_run(size: str, run: dict, out: Path, device: str) -> dict:
+    """One run in a worker process (one intra-op thread: two single-thread workers get more out of
+    two cores than one process with two threads, for models this small)."""
+    torch.set_num_threads(1)
+    config = SIZES[size]
+    spec = config[run["family"]]
+    if run["family"] not in _DATA:
+        _DATA[run["family"]] = prepare(run["family"], spec, out / "cache")
+    return train_one(run, spec, _DATA[run["family"]], config, device)
+
+
+def run_study(size: str, out: Path, device: str, only: str | None, workers: int) -> list:
+    import concurrent.futures
+    import multiprocessing
+
+    config = SIZES[size]
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[key(r)] = r
+    todo = [r for r in settings(config["seeds"]) if key(r) not in done and (only is None or r["family"] == only)]
+    for family in {r["family"] for r in todo}:
+        prepare(family, config[family], out / "cache")  # tokenizers and datasets caches, once, before the workers
+    context = multiprocessing.get_context("spawn")
+    with (
+        open(results_path, "a") as f,
+        concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool,
+        tqdm(total=len(todo), desc="quality study", unit="run") as bar,
+    ):
+        futures = [pool.submit(_worker_run, size, run, out, device) for run in todo]
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            f.write(json.dumps(result) + "\n")
+            f.flush()
+            done[key(result)] = result
+            bar.set_postfix_str(key(result))
+            bar.update(1)
+    return list(done.values())
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: list) -> dict:
+    groups = {}
+    for r in results:
+        groups.setdefault((r["family"], r["method"], r["sparsity"], r["distribution"]), []).append(r)
+    return groups
+
+
+def write_report(results: list, size: str, out: Path, doc: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = aggregate(results)
+    lines = [
+        "## Quality study",
+        "",
+        f"Produced by `python bench/quality_study.py --size {size}` (this file and the plots are written by it).",
+        "Validation on the contiguous tail of the bundled KJV text; equal steps for every method except",
+        "`rigl_2x`; mean and standard deviation over seeds (n = number of seeds that finished).",
+        "Training FLOPs are the paper's accounting (`rigl_ds.flops`) as a multiple of training the dense",
+        "model for the standard number of steps.",
+        "",
+    ]
+    img_dir = doc.parent / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    verdicts = []
+    for family, title, metric, unit in (
+        ("char_gru", "Character-level GRU", "bits_per_char", "bits / char"),
+        ("gpt", "GPT-style transformer (BPE)", "perplexity", "perplexity"),
+    ):
+        rows = [(k, v) for k, v in groups.items() if k[0] == family]
+        if not rows:
+            continue
+        spec = SIZES[size][family]
+        lines += [
+            f"### {title}",
+            "",
+            f"{spec['sizes']}, {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}.",
+            "",
+            f"| method | sparsity | distribution | n | params | val {unit} | val bits/char | training FLOPs vs dense |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+        def order(item):
+            (_, method, sparsity, dist), _ = item
+            return (sparsity, dist, ORDER.index(method))
+
+        for (_, method, sparsity, dist), runs in sorted(rows, key=order):
+            m, s = _mean_std([r[metric] for r in runs])
+            b, bs = _mean_std([r["bits_per_char"] for r in runs])
+            fl, _ = _mean_std([r["training_flops_vs_dense"] for r in runs])
+            flops = "1" if method == "dense" else ("-" if fl is None else f"{fl:.3f}")
+            lines.append(
+                f"| {method} | {sparsity:.1f} | {dist} | {len(runs)} | {runs[0]['params']:,} | {m:.3f} ± {s:.3f} | "
+                f"{b:.4f} ± {bs:.4f} | {flops} |"
+            )
+        lines.append("")
+        # The paper's claim at equal sparsity and steps: RigL >= SNFS > SET > static (lower metric is better).
+        for sparsity in (0.8, 0.9):
+            for dist in ("erk", "uniform"):
+                score = {}
+                for method in ("rigl", "snfs", "set", "static"):
+                    runs = groups.get((family, method, sparsity, dist))
+                    if runs:
+                        score[method] = _mean_std([r[metric] for r in runs])
+                if len(score) < 4:
+                    continue
+                ranked = sorted(score, key=lambda k: score[k][0])
+                holds = ranked == ["rigl", "snfs", "set", "static"] or (
+                    ranked[:2] == ["snfs", "rigl"]
+                    and abs(score["rigl"][0] - score["snfs"][0]) <= max(score["rigl"][1], score["snfs"][1])
+                    and ranked[2:] == ["set", "static"]
+                )
+                order_text = " < ".join(f"{k} {score[k][0]:.3f}" for k in ranked)
+                verdicts.append(
+                    f"- {title}, {sparsity:.0%} {dist}: {order_text} -> the paper's ordering "
+                    f"{'holds' if holds else 'does NOT hold'}."
+                )
+        fig, ax = plt.subplots(figsize=(10, 4))
+        labels, means, stds = [], [], []
+        for (_, method, sparsity, dist), runs in sorted(rows, key=order):
+            m, s = _mean_std([r[metric] for r in runs])
+            labels.append(f"{method}\n{sparsity:.1f} {dist}" if method != "dense" else "dense")
+            means.append(m)
+            stds.append(s)
+        ax.bar(range(len(means)), means, yerr=stds, color="tab:blue", capsize=2)
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        low = min(means) - 2 * max(stds + [0.01])
+        ax.set(ylabel=f"validation {unit}", title=title, ylim=(max(0.0, low), max(means) + 2 * max(stds + [0.01])))
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        png = img_dir / f"quality_{family}.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        lines += [f"![{title}](img/{png.name})", ""]
+    lines += ["### Does the paper's ordering hold here?", "", *verdicts, ""]
+    total = sum(r["seconds"] for r in results)
+    wall = out / "wall_seconds.txt"
+    if wall.is_file():
+        lines += [
+            f"Wall time of the study on this machine, all invocations: {float(wall.read_text()) / 60:.1f} minutes.",
+            "",
+        ]
+    lines += [
+        f"Training time of all {len(results)} runs: {total / 60:.1f} minutes (evaluation and set-up excluded).",
+        "",
+    ]
+    # Only the study's own section of the document is rewritten; the benchmark sections stay.
+    begin, end = "<!-- quality-study:begin -->", "<!-- quality-study:end -->"
+    section = "\n".join([begin, *lines, end])
+    text = doc.read_text() if doc.is_file() else "# Results\n\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+    print(f"wrote {doc}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--family", choices=["char_gru", "gpt"], default=None, help="run only this family")
+    p.add_argument("--out", type=Path, default=None, help="default: runs/quality/<size>")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (CPU)")
+    args = p.parse_args()
+    out = args.out or ROOT / "runs" / "quality" / args.size
+    if args.report_only:
+        results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    else:
+        start = time.time()
+        results = run_study(args.size, out, args.device, args.family, args.workers)
+        wall = out / "wall_seconds.txt"
+        previous = float(wall.read_text()) if wall.is_file() else 0.0
+        wall.write_text(str(previous + time.time() - start))
+    write_report(results, args.size, out, args.doc)
+
+
+if __name__ == "__main__":
+    main()
