@@ -55,6 +55,7 @@ class RigLConfig(BaseModel):
     grad_ema_decay: float = Field(default=0.9, ge=0.0, lt=1.0)
     initial_sparsity: float = 0.0
     seed: int = Field(default=0, ge=0)
+    compact_optimizer_state: bool = False
 
     @field_validator("sparsity", "initial_sparsity")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -44,6 +44,9 @@ class SparseController:
         self.history: List[UpdateStats] = []
         self._update_after_step = False
         self._is_update_step = False
+        # Called with no arguments whenever the masks change (initialisation, an update, a checkpoint
+        # load), before the next optimizer step: compact optimizer state re-packs itself there.
+        self.mask_listeners: List[Callable[[], None]] = []
 
     # -- masks -------------------------------------------------------------------------------
     def initialize_masks(self) -> None:
@@ -60,6 +63,11 @@ class SparseController:
             by_magnitude=self.config.distribution == "global",
             all_active=torch.equal(targets, sizes),
         )
+        self._masks_changed()
+
+    def _masks_changed(self) -> None:
+        for listener in self.mask_listeners:
+            listener()
 
     def active_counts(self) -> torch.Tensor:
         return pool_counts(self.shards, self.comm, self.plan.n_pools).cpu()
@@ -129,6 +137,7 @@ class SparseController:
         self.last_update = t
         self.updates += 1
         self.history.append(stats)
+        self._masks_changed()
         logger.info(
             "rigl_ds: step %d %s update: drop fraction %.4f, dropped %d, grown %d (regrown %d), active %d; "
             "%.3f s, %d collectives, %d bytes sent (%.3f s in collectives)",
@@ -189,3 +198,4 @@ class SparseController:
         self.updates = int(state.get("updates", 0))
         self.method.load_state_dict(state.get("method_state", {}), self.shards)
         apply_masks(self.shards, with_optimizer_state=True)
+        self._masks_changed()

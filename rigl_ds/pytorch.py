@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .compact import CompactAdam
 from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
 from .controller import SparseController
 from .flops import FlopsReport, TrainingFlops, flops_report, weight_uses
@@ -52,6 +53,8 @@ class SparseTraining:
         self.plan = plan
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
+        if isinstance(optimizer, CompactAdam):
+            self.controller.mask_listeners.append(self._repack_optimizer_state)
         self.controller.initialize_masks()
         self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient
         self._hooks = [
@@ -62,6 +65,11 @@ class SparseTraining:
         self._report: Optional[FlopsReport] = None
         self._examples = 1
         self.training_flops = TrainingFlops()
+
+    def _repack_optimizer_state(self) -> None:
+        """Compact optimizer state: each masked weight's moments only at its active entries."""
+        for shard in self.shards:
+            self.optimizer.set_stateful(shard.param, shard.mask.nonzero().view(-1))
 
     def _make_grad_hook(self, index: int, shard: WholeTensorShard) -> Callable[[torch.Tensor], None]:
         def mask_accumulated_grad(param: torch.Tensor) -> None:

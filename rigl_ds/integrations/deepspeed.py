@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..compact import CompactAdam
 from ..config import RigLConfig, RigLConfigError, load_config
 from ..controller import SparseController
 from ..layers import find_sparse_weights, global_shape
@@ -60,6 +61,8 @@ def initialize(*args: Any, total_steps: Optional[int] = None, **kwargs: Any):
         if model is None:
             raise ValueError("rigl_ds.initialize needs the model (model=...)")
         _plan_for(model, rigl_config)
+        if rigl_config.compact_optimizer_state:
+            args, kwargs = _with_compact_optimizer(args, kwargs, config)
     out = deepspeed.initialize(*args, **kwargs)
     if block is None:
         return out
@@ -76,13 +79,20 @@ class SparseEngine:
 
         self.engine = engine
         self.config = config
+        self._states_linked = False
         weights, self.plan = _plan_for(engine.module, config)
         self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
         self.controller = SparseController(config, self.plan, self.shards, self.comm, total_steps)
+        if config.compact_optimizer_state:
+            if not isinstance(engine.basic_optimizer, CompactAdam):
+                raise RigLConfigError(
+                    "rigl.compact_optimizer_state: DeepSpeed's optimizer is "
+                    f"{type(engine.basic_optimizer).__name__}, not rigl_ds.compact.CompactAdam"
+                )
+            self.controller.mask_listeners.append(self._repack_optimizer_state)
         self.controller.initialize_masks()
         self._refresh_low_precision()
         self._skip_optimizer = False
-        self._states_linked = False
         self._engine_step = engine.step
         self._basic = engine.basic_optimizer
         self._basic_step = self._basic.step
@@ -127,11 +137,34 @@ class SparseEngine:
         after their first step, even when that step did nothing (a skipped RigL update step, when
         no state exists yet): they would never see the state created later. Link again once the
         torch optimizer has state."""
-        if self.layout != "fragments" or self._states_linked or not any(self._basic.state.values()):
+        if self.layout != "fragments" or self._states_linked:
+            return
+        # Compact state records its positions before the first step: that is not state to link.
+        if not any(key != "positions" for state in self._basic.state.values() for key in state):
             return
         self.engine.optimizer._hp_optimizer_states_linked = False
         self.engine.optimizer._lazy_init_hp_params_optimizer_state()
         self._states_linked = True
+
+    def _repack_optimizer_state(self) -> None:
+        """Compact optimizer state: every flat fp32 tensor holding masked fragments keeps moments for
+        its unmasked entries (other parameters, padding) and its active masked entries only. Runs
+        whenever the masks change, before the next optimizer step."""
+        by_storage: Dict[int, Any] = {}
+        for s in self.shards:
+            storage = getattr(s, "storage", None)
+            if storage is None or s.numel == 0:
+                continue
+            by_storage.setdefault(id(storage), (storage, []))[1].append(s)
+        for storage, shards in by_storage.values():
+            keep = torch.ones(storage.numel(), dtype=torch.bool, device=storage.device)
+            for s in shards:
+                keep.narrow(0, s.storage_offset, s.numel).copy_(s.mask)
+            self.engine.basic_optimizer.set_stateful(storage, keep.nonzero().view(-1))
+        if self.layout == "fragments" and self._states_linked:
+            # Re-link DeepSpeed's fragment views so none holds a freed dense moment.
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
 
     def _refresh_low_precision(self) -> None:
         """Low-precision copies must show the masks: ZeRO-3 and stage 0 wrote them through the
@@ -184,6 +217,42 @@ class SparseEngine:
         self.controller.load_state_dict(state)
         self._refresh_low_precision()
         return load_path, client_state
+
+
+def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any]):
+    """``deepspeed.initialize``'s arguments with the client optimizer as a ``CompactAdam``: a torch
+    Adam / AdamW is converted (same groups and hyper-parameters), a CompactAdam passes as it is."""
+    if "optimizer" in config:
+        raise RigLConfigError(
+            "rigl.compact_optimizer_state: needs a client optimizer (rigl_ds.compact.CompactAdam or a "
+            'torch.optim.Adam/AdamW), not a DeepSpeed "optimizer" block'
+        )
+    positional = "optimizer" not in kwargs and len(args) > 2
+    optimizer = args[2] if positional else kwargs.get("optimizer")
+    if not isinstance(optimizer, CompactAdam):
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            raise RigLConfigError(
+                "rigl.compact_optimizer_state: the optimizer must be rigl_ds.compact.CompactAdam or a "
+                f"torch.optim.Adam/AdamW to convert, got {type(optimizer).__name__}"
+            )
+        try:
+            optimizer = CompactAdam.from_torch(optimizer)
+        except ValueError as exc:
+            raise RigLConfigError(f"rigl.compact_optimizer_state: {exc}") from None
+    if positional:
+        args = args[:2] + (optimizer,) + args[3:]
+    else:
+        kwargs = {**kwargs, "optimizer": optimizer}
+    if not config.get("zero_allow_untested_optimizer", False):
+        # ZeRO refuses client optimizers it does not know unless told otherwise.
+        key = next((k for k in ("config", "config_params") if kwargs.get(k) is not None), None)
+        if key is None:
+            raise RigLConfigError(
+                'rigl.compact_optimizer_state: add "zero_allow_untested_optimizer": true to the DeepSpeed '
+                "config (ZeRO asks for it with any client optimizer it does not know), or pass config=..."
+            )
+        kwargs = {**kwargs, key: {**config, "zero_allow_untested_optimizer": True}}
+    return args, kwargs
 
 
 def _plan_for(model: torch.nn.Module, config: RigLConfig):

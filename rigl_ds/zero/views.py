@@ -51,6 +51,11 @@ class HpFragmentShard(Shard):
         return flats[self.mapping.param_group_index]
 
     @property
+    def storage_offset(self) -> int:
+        """Where this fragment starts inside ``storage``."""
+        return 0 if self.mapping is None else self.mapping.hp_fragment_address.start
+
+    @property
     def weight(self) -> torch.Tensor:
         if self.mapping is None:
             return torch.empty(0, device=self.mask.device)
@@ -104,6 +109,11 @@ class Stage3Shard(Shard):
         return self.optimizer.fp32_partitioned_groups_flat[group]
 
     @property
+    def storage_offset(self) -> int:
+        """Where this parameter's slice starts inside ``storage`` (its sub-group's flat partition)."""
+        return self.optimizer.grad_position[self.optimizer.get_param_id(self.param)][1]
+
+    @property
     def weight(self) -> torch.Tensor:
         return self._fp32()
 
@@ -126,6 +136,8 @@ class Stage3Shard(Shard):
 class Stage0Shard(ParamRangeShard):
     """ZeRO-0 with fp32: the whole parameter, stepped in place by the torch optimizer."""
 
+    storage_offset = 0
+
     @property
     def storage(self) -> torch.Tensor:
         return self.param
@@ -138,6 +150,8 @@ class UnfusedMasterShard(ParamRangeShard):
     def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, master: torch.Tensor, optimizer):
         super().__init__(layer, param, optimizer)
         self.master = master
+
+    storage_offset = 0
 
     @property
     def storage(self) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Compact optimizer state (rigl_ds.compact): Adam/AdamW moments only for active entries. With every
+position stateful it is torch's Adam bit for bit; under masks it gives bit-identical weights to the
+dense-state optimizer, in the plain path and under ZeRO 1, 2 and 3 on gloo ranks, and resumes."""
+
+import pytest
+import torch
+from torch import nn
+
+import rigl_ds
+from rigl_ds.compact import CompactAdam, CompactAdamW
+
+
+def _pair(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    a = [torch.randn(37, 13, requires_grad=True), torch.randn(1001, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    return a, b, cls(a, lr=1e-2, **kw), CompactAdam.from_torch(cls(b, lr=1e-2, **kw))
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1})],
+)
+def test_with_every_position_stateful_it_is_torch_adam_bit_for_bit(cls, kw):
+    a, b, oa, ob = _pair(cls, **kw)
+    for _ in range(25):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, b):  # the same state layout as torch's
+        assert set(ob.state[y]) == set(oa.state[x])
+        assert all(torch.equal(ob.state[y][k], oa.state[x][k]) for k in oa.state[x])
+
+
+def test_set_stateful_keeps_kept_positions_zeroes_new_ones_and_frees_dropped():
+    p = torch.zeros(10, requires_grad=True)
+    opt = CompactAdam([p], lr=0.1)
+    opt.set_stateful(p, torch.tensor([1, 3, 5]))
+    p.grad = torch.arange(10.0)
+    opt.step()
+    before = opt.state[p]["exp_avg"].clone()
+    assert before.numel() == 3 and opt.state[p]["positions"].dtype == torch.int32
+    assert bool((p.detach()[[0, 2, 4, 6, 7, 8, 9]] == 0).all())  # never stepped
+    opt.set_stateful(p, torch.tensor([3, 5, 8]))  # 1 dropped, 8 grown
+    m = opt.state[p]["exp_avg"]
+    assert torch.equal(m[:2], before[1:]) and m[2] == 0
+    assert opt.state[p]["exp_avg_sq"][2] == 0
+    opt.set_stateful(p, None)  # back to torch's dense layout
+    dense = opt.state[p]["exp_avg"]
+    assert dense.shape == p.shape and "positions" not in opt.state[p]
+    assert torch.equal(dense[[3, 5]], before[1:]) and int((dense != 0).sum()) == 2
+    with pytest.raises(ValueError):
+        opt.set_stateful(p, torch.tensor([5, 3]))
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _plain_run(optimizer_cls, method, steps=60, save_at=None, state=None):
+    torch.manual_seed(0)
+    model = _MLP()
+    opt = optimizer_cls(model.parameters(), lr=1e-2, weight_decay=0.01)
+    cfg = {"method": method, "sparsity": 0.9, "delta_t": 5, "end_step": 45, "distribution": "uniform"}
+    cfg["modules"] = ["fc1", "fc2"]
+    sparse = rigl_ds.sparsify(model, opt, cfg)
+    start, saved = 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sparse.load_state_dict(state["sparse"])
+        start = sparse.step_count
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparse.step()
+        opt.zero_grad()
+        if save_at is not None and step + 1 == save_at:
+            saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "sparse": sparse.state_dict()}
+            saved = {k: _deep_clone(v) for k, v in saved.items()}
+    return model, opt, sparse, saved
+
+
+def _deep_clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _deep_clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_clone(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
+def test_under_masks_compact_state_gives_bit_identical_weights_to_dense_state(method):
+    dense_model, dense_opt, dense_sparse, _ = _plain_run(torch.optim.AdamW, method)
+    model, opt, sparse, _ = _plain_run(CompactAdamW, method)
+    assert len(sparse.controller.history) >= 8  # updates at 0, 5, ..., 45
+    assert [h.grown for h in sparse.controller.history] == [h.grown for h in dense_sparse.controller.history]
+    assert all(h.grown > 0 and h.regrown >= 0 for h in sparse.controller.history[:-1])
+    for (n, p), (_, q) in zip(model.named_parameters(), dense_model.named_parameters()):
+        assert torch.equal(p, q), n
+    for name, mask in sparse.masks.items():
+        assert torch.equal(mask, dense_sparse.masks[name])
+        p = dict(model.named_parameters())[name]
+        st, dense_st = opt.state[p], dense_opt.state[dict(dense_model.named_parameters())[name]]
+        assert torch.equal(st["positions"].long(), mask.view(-1).nonzero().view(-1))
+        for key in ("exp_avg", "exp_avg_sq"):  # packed moments are the dense moments' active entries
+            assert torch.equal(st[key], dense_st[key].view(-1)[mask.view(-1)])
+            assert not bool(dense_st[key].view(-1)[~mask.view(-1)].any())
+    assert opt.state_bytes() < 0.35 * sum(
+        v.numel() * v.element_size() for s in dense_opt.state.values() for v in s.values()
+    )
+
+
+def test_a_checkpoint_round_trips_positions_and_resumes_bit_identically():
+    model, _, sparse, saved = _plain_run(CompactAdamW, "rigl", save_at=23)
+    assert any(v["positions"].dtype == torch.int32 for v in saved["optimizer"]["state"].values() if "positions" in v)
+    resumed, ropt, rsparse, _ = _plain_run(CompactAdamW, "rigl", state=saved)
+    assert all(v.get("positions", torch.zeros(1, dtype=torch.int32)).dtype == torch.int32 for v in ropt.state.values())
+    for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    assert all(torch.equal(m, rsparse.masks[n]) for n, m in sparse.masks.items())
+
+
+def test_the_flag_is_validated_and_other_optimizers_are_refused_before_deepspeed_starts():
+    import ds_sim
+
+    with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_optimizer_state"):
+        rigl_ds.load_config({"compact_optimizer_state": "sometimes"})
+    model = ds_sim.tiny_model("gpt2")
+    block = {**ds_sim.RIGL, "compact_optimizer_state": True}
+    with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_optimizer_state"):
+        rigl_ds.initialize(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            config=ds_sim.ds_config(2, "fp32", block),
+        )
+
+
+# -- DeepSpeed on 2 gloo ranks ------------------------------------------------------------------------
+
+DS_CASES = [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")]
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory):
+    from gloo import run_gloo
+
+    folder = str(tmp_path_factory.mktemp("compact_ckpt"))
+    runs = []
+    for stage, dtype in DS_CASES:
+        runs += [dict(stage=stage, dtype=dtype, compact=False), dict(stage=stage, dtype=dtype, compact=True)]
+    runs.append(dict(stage=1, dtype="fp32", compact=True, pass_compact=True))
+    for stage in (2, 3):
+        runs.append(dict(stage=stage, dtype="fp32", compact=True, save_at=5, save_dir=f"{folder}/s{stage}"))
+        runs.append(dict(stage=stage, dtype="fp32", compact=True, load_dir=f"{folder}/s{stage}"))
+    per_rank = run_gloo(2, "compact_sim:train_many", runs, timeout=900)
+    return runs, per_rank
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,dtype", DS_CASES)
+def test_zero_compact_state_gives_bit_identical_weights_and_exact_counts(ds_runs, stage, dtype):
+    runs, per_rank = ds_runs
+    i = runs.index(dict(stage=stage, dtype=dtype, compact=False))
+    for rank in per_rank:
+        dense, compact = rank[i], rank[i + 1]
+        assert dense["optimizer"] == "AdamW" and compact["optimizer"] == "CompactAdam" and compact["packed"]
+        assert len(compact["history"]) == 6 and compact["history"] == dense["history"]
+        assert compact["pool_counts"] == compact["targets"] == dense["pool_counts"]
+        for name, w in dense["weights"].items():
+            assert torch.equal(compact["weights"][name], w), name
+        for name, m in dense["masks"].items():
+            assert torch.equal(compact["masks"][name], m), name
+        assert compact["losses"] == dense["losses"]
+        assert compact["state_bytes"] < 0.7 * dense["state_bytes"]
+
+
+@pytest.mark.slow
+def test_zero_accepts_a_compact_adamw_passed_directly(ds_runs):
+    runs, per_rank = ds_runs
+    i = runs.index(dict(stage=1, dtype="fp32", compact=True, pass_compact=True))
+    j = runs.index(dict(stage=1, dtype="fp32", compact=True))
+    for rank in per_rank:
+        assert all(torch.equal(rank[i]["weights"][n], w) for n, w in rank[j]["weights"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_compact_checkpoint_round_trips_and_continues_identically(ds_runs, stage):
+    runs, per_rank = ds_runs
+    straight = runs.index(dict(stage=stage, dtype="fp32", compact=True))
+    resumed = [k for k, r in enumerate(runs) if r.get("load_dir", "").endswith(f"s{stage}")][0]
+    for rank in per_rank:
+        a, b = rank[straight], rank[resumed]
+        assert len(b["losses"]) == 7 and b["losses"] == a["losses"][5:]
+        assert b["history"] == a["history"][3:]  # updates at steps 6, 8, 10
+        assert b["pool_counts"] == b["targets"] and b["packed"]
+        for name, w in a["weights"].items():
+            assert torch.equal(b["weights"][name], w), name
