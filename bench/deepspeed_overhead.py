@@ -13,14 +13,12 @@ the ratios against dense, all measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 
+import ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
@@ -28,12 +26,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
 
     import rigl_ds
 
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = f"cuda:{rank}" if args.backend == "nccl" else "cpu"
-    if args.backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(args.backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    device = ranks.join(rank, world, store, args.backend)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(
         f"{world} ranks ({args.backend}), GPT-2 {args.layers}x{args.embd}, seq {args.seq}, micro-batch {args.batch}, "
@@ -122,10 +115,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(
-            _worker, args=(args.world, os.path.join(d, "store"), args), nprocs=args.world, start_method="spawn"
-        )
+    ranks.spawn(_worker, args.world, args)
 
 
 if __name__ == "__main__":

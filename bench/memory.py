@@ -15,12 +15,10 @@ parameters this rank is responsible for (total / world size).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
+import ranks
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 CATEGORIES = ("lp weights", "fp32 master", "fp32 grads", "lp grads", "optimizer state", "masks", "other ZeRO")
 
@@ -75,12 +73,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
 
     import rigl_ds
 
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = f"cuda:{rank}" if args.backend == "nccl" else "cpu"
-    if args.backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(args.backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    device = ranks.join(rank, world, store, args.backend)
     cases = [("dense", None, False)]
     for sparsity in args.sparsities:
         cases += [(f"rigl {sparsity:.0%}", sparsity, False), (f"rigl {sparsity:.0%} compact", sparsity, True)]
@@ -145,10 +138,7 @@ def main() -> None:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(
-            _worker, args=(args.world, os.path.join(d, "store"), args), nprocs=args.world, start_method="spawn"
-        )
+    ranks.spawn(_worker, args.world, args)
 
 
 if __name__ == "__main__":
