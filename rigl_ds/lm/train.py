@@ -159,9 +159,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     from rigl_ds.config import load_config
 
     job = load_job(config.get("job"), overrides)
-    rigl_block = config.get("rigl")
-    if rigl_block is not None:
-        load_config(rigl_block)  # validate before anything is built or any rank starts work
+    # Validate before anything is built or any rank starts work.
+    rigl = load_config(config["rigl"]) if "rigl" in config else None
     _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
@@ -180,10 +179,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     val_blocks = _rank0_first(lambda: lm_blocks(text["validation"], tokenizer, job.seq_len + 1))
 
     model = build_model(job.family, len(tokenizer), **job.model)
-    micro = int(config.get("train_micro_batch_size_per_gpu", 1))
-    accumulation = int(config.get("gradient_accumulation_steps", 1))
-    method = (rigl_block or {}).get("method", "rigl") if rigl_block is not None else "dense"
-    flops = _Flops(model, train_blocks[:1]["input_ids"], method, int((rigl_block or {}).get("delta_t", 100)))
+    method = rigl.method if rigl else "dense"
+    flops = _Flops(model, train_blocks[:1]["input_ids"], method, rigl.delta_t if rigl else 1)
     total_params = sum(p.numel() for p in model.parameters())
     masked_numel = 0
 
@@ -196,6 +193,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, total_steps=job.steps
     )
     sparse = getattr(engine, "rigl", None)
+    # DeepSpeed resolves the batch keys (any two of train_batch_size, micro-batch, accumulation).
+    micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     ckpt_dir = out_dir / "checkpoints"
     start_step, start_tokens = 0, 0
     if resume:
