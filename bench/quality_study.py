@@ -368,7 +368,7 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
         ]
     lines += [
         f"Training time of all {len(results)} runs, added up: {total / 60:.1f} minutes (evaluation and set-up "
-        "excluded; two runs at a time on a machine shared with CI, so neither the wall time nor an idle machine's time).",
+        "excluded; two runs at a time on a machine shared with CI: neither the wall time nor an idle machine's.",
         "",
     ]
     # Only the study's own section of the document is rewritten; the benchmark sections stay.
