@@ -1,8 +1,10 @@
 """Bytes of training state per parameter on each rank, read from the actual tensors.
 
 Trains a GPT-2 from config for two steps on gloo ranks (or NCCL GPUs) under ZeRO-3 bf16 with AdamW:
-dense, rigl_ds with masks only (dense optimizer state), and rigl_ds with ``compact_optimizer_state``,
-at 80%, 90% and 95% ERK. Then it walks the engine and sums, per category, the bytes of every distinct
+dense, rigl_ds with masks only (dense optimizer state), rigl_ds with ``compact_optimizer_state``, and
+with ``compact_master_weights`` on top (fp32 masters of active entries only in the optimizer; DeepSpeed's
+master weights and gradients in bf16, which ZeRO-3 shares with the bf16 partition), at 80%, 90% and
+95% ERK. Then it walks the engine and sums, per category, the bytes of every distinct
 tensor storage it holds on this rank: low-precision weights (each parameter's ``ds_tensor``), fp32
 master partitions, their gradients, the low-precision gradient buffers, the torch optimizer's state,
 the masks and index sets rigl_ds adds, and DeepSpeed's other buffers. Each figure is divided by the
@@ -58,10 +60,12 @@ def state_bytes(engine) -> dict:
         out,
         "fp32 grads",
     )
+    masters = [s["master"] for s in engine.basic_optimizer.state.values() if "master" in s]
+    _storages(masters, seen, out, "fp32 master")  # compact master weights: the optimizer's own
     _storages(dict(engine.basic_optimizer.state), seen, out, "optimizer state")
     sparse = getattr(engine, "rigl", None)
     if sparse is not None:
-        _storages([s.mask for s in sparse.shards], seen, out, "masks")
+        _storages([s.mask_bits for s in sparse.shards], seen, out, "masks")
     for name, value in vars(opt).items():
         category = "lp grads" if "grad" in name.lower() else "other ZeRO"
         _storages(value, seen, out, category)
@@ -74,9 +78,13 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
     import rigl_ds
 
     device = ranks.join(rank, world, store, args.backend)
-    cases = [("dense", None, False)]
+    cases = [("dense", None, "")]
     for sparsity in args.sparsities:
-        cases += [(f"rigl {sparsity:.0%}", sparsity, False), (f"rigl {sparsity:.0%} compact", sparsity, True)]
+        cases += [
+            (f"rigl {sparsity:.0%}", sparsity, ""),
+            (f"rigl {sparsity:.0%} compact", sparsity, "state"),
+            (f"rigl {sparsity:.0%} +master", sparsity, "master"),
+        ]
     rows = []
     for label, sparsity, compact in cases:
         torch.manual_seed(0)
@@ -98,7 +106,8 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
                 "sparsity": sparsity,
                 "delta_t": 100,
                 "end_step": 1,
-                "compact_optimizer_state": compact,
+                "compact_optimizer_state": bool(compact),
+                "compact_master_weights": compact == "master",
             }
         engine, *_ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
         for step in range(2):  # step 0: the one update (optimizer step skipped); step 1 creates optimizer state

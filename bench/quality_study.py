@@ -297,7 +297,9 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
         lines += [
             f"### {title}",
             "",
-            f"{spec['sizes']}, {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}.",
+            ", ".join(f"{k} {v}" for k, v in spec["sizes"].items())
+            + f"; {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}, "
+            f"mask updates every {SIZES[size]['delta_t']} steps.",
             "",
             f"| method | sparsity | distribution | n | params | val {unit} |"
             + (" val bits/char |" if metric != "bits_per_char" else "")
@@ -368,7 +370,7 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
         ]
     lines += [
         f"Training time of all {len(results)} runs, added up: {total / 60:.1f} minutes (evaluation and set-up "
-        "excluded; two runs at a time on a machine shared with CI: neither the wall time nor an idle machine's.",
+        "excluded; runs in parallel add up to more than the wall time).",
         "",
     ]
     # Only the study's own section of the document is rewritten; the benchmark sections stay.

@@ -13,7 +13,15 @@ State per parameter (``self.state[p]``), a superset of torch's Adam keys:
 - ``step``: as torch's (a float scalar tensor, one per parameter tensor).
 - ``exp_avg``, ``exp_avg_sq``: shape ``p.shape`` when every position is stateful (then also torch's
   layout), else 1-D with one value per stateful position, in position order.
-- ``positions`` (only when packed): the stateful flat indices, sorted, int32 below 2**31 entries.
+- the stateful set, only when packed, in whichever layout is smaller: ``bitmap`` (uint8, one bit per
+  entry of ``p``, as ``rigl_ds.bits`` packs it) when at least 1 in 32 entries is stateful (1 in 64
+  above 2**31 entries), else ``positions`` (the sorted flat indices, int32 below 2**31 entries). At
+  90% sparsity the bitmap costs 0.125 bytes per entry of ``p`` where int32 positions would cost 0.4.
+- ``master`` (only with ``master_weights=True`` and a low-precision ``p``): fp32 copies of the
+  stateful entries, which the step updates and rounds into ``p``, with fp32 moments. This is ZeRO's
+  mixed-precision arithmetic with the master kept for active entries only, for DeepSpeed's
+  ``bf16_master_weights_and_grads`` (then ZeRO keeps no fp32 copy of its own). Entries that become
+  stateful start from the weight as it stands, as ZeRO's master does at the start.
 
 DeepSpeed links optimizer-state fragments only for state tensors of the flat partition's shape, so
 packed moments are never mis-sliced by it (and never reachable through ``safe_get_*_optimizer_state``);
@@ -28,7 +36,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from . import bits
+
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
+LAYOUT_KEYS = ("positions", "bitmap")  # the stateful set: not per-entry state
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -36,19 +47,28 @@ def _index_dtype(numel: int) -> torch.dtype:
 
 
 def repack(
-    values: torch.Tensor, old: Optional[torch.Tensor], new: Optional[torch.Tensor], numel: int, shape
+    values: torch.Tensor,
+    old: Optional[torch.Tensor],
+    new: Optional[torch.Tensor],
+    numel: int,
+    shape,
+    fill: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``values`` held at positions ``old`` re-laid at positions ``new`` (None: every position, in
-    ``shape``): positions in both keep their value, positions only in ``new`` start at zero."""
+    ``shape``): positions in both keep their value, positions only in ``new`` start at zero, or at
+    ``fill`` (a flat tensor of ``numel`` entries) there."""
     if old is None and new is None:
         return values
     if old is None:
         return values.reshape(-1).index_select(0, new)
     if new is None:
-        out = values.new_zeros(numel)
+        out = values.new_zeros(numel) if fill is None else fill.to(values.dtype, copy=True)
         out.index_put_((old,), values)
         return out.view(shape)
-    out = values.new_zeros(new.numel())
+    if fill is None:
+        out = values.new_zeros(new.numel())
+    else:
+        out = fill.index_select(0, new).to(values.dtype)
     if old.numel() == 0 or new.numel() == 0:
         return out
     where = torch.searchsorted(old, new.to(old.dtype)).clamp_(max=old.numel() - 1)
@@ -71,6 +91,7 @@ class CompactAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         maximize: bool = False,
+        master_weights: bool = False,
     ):
         if not 0.0 <= float(lr):
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -89,9 +110,10 @@ class CompactAdam(torch.optim.Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
+        self.master_weights = bool(master_weights)
 
     @classmethod
-    def from_torch(cls, optimizer: torch.optim.Optimizer) -> "CompactAdam":
+    def from_torch(cls, optimizer: torch.optim.Optimizer, master_weights: bool = False) -> "CompactAdam":
         """The compact twin of a fresh ``torch.optim.Adam`` / ``AdamW`` (same param groups and
         hyper-parameters). Refuses options whose arithmetic this class does not reproduce."""
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
@@ -118,47 +140,97 @@ class CompactAdam(torch.optim.Optimizer):
                     "maximize": g.get("maximize", False),
                 }
             )
-        return cls(groups)
+        out = cls(groups)
+        out.master_weights = bool(master_weights)
+        return out
+
+    def _keeps_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.is_floating_point() and p.dtype != torch.float32
 
     # -- stateful positions ----------------------------------------------------------------------
     def stateful_positions(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """The sorted flat indices stepped and given state, or None for every position."""
-        return self.state[param].get("positions") if param in self.state else None
+        return _positions(self.state[param], param.numel()) if param in self.state else None
 
-    def set_stateful(self, param: torch.Tensor, positions: Optional[torch.Tensor]) -> None:
-        """Makes ``positions`` (sorted, unique flat indices; None: all) the stateful set of ``param``.
-        Positions that stay keep their moments, new ones start at zero, dropped ones are freed."""
+    def master_range(self, param: torch.Tensor, start: int, numel: int) -> Optional[torch.Tensor]:
+        """fp32 values of ``param``'s entries [start, start + numel): the master copy where there is
+        one, the weight elsewhere (zero there under masks). None before the first step, when no
+        master exists yet and the weight is all there is."""
+        state = self.state.get(param, {})
+        master = state.get("master")
+        if master is None:
+            return None
+        if "bitmap" not in state and "positions" not in state:
+            return master.reshape(-1).narrow(0, start, numel)
+        out = param.detach().reshape(-1).narrow(0, start, numel).to(torch.float32, copy=True)
+        if "bitmap" in state:
+            first = bits.count_before(state["bitmap"], start)
+            here = bits.unpack_range(state["bitmap"], start, numel)
+            out[here] = master.narrow(0, first, int(here.sum()))
+        else:
+            positions = state["positions"]
+            bounds = torch.tensor([start, start + numel], dtype=positions.dtype, device=positions.device)
+            lo, hi = torch.searchsorted(positions, bounds).tolist()
+            out[(positions[lo:hi] - start).long()] = master[lo:hi]
+        return out
+
+    def set_stateful(self, param: torch.Tensor, stateful: Optional[torch.Tensor]) -> None:
+        """Makes ``stateful`` the stateful set of ``param``: a bool tensor of ``param.numel()`` entries,
+        or sorted unique flat indices, or None for all. Entries that stay keep their moments, new
+        ones start at zero, dropped ones are freed."""
         numel = param.numel()
-        if positions is not None:
-            positions = positions.reshape(-1)
-            if positions.is_floating_point() or positions.dtype == torch.bool:
-                raise TypeError(f"positions must be integer indices, got {positions.dtype}")
-            if positions.numel() == numel:
-                positions = None  # every position: torch's own layout
+        new_key, new = None, None
+        if stateful is not None:
+            stateful = stateful.reshape(-1)
+            mask = positions = None
+            if stateful.dtype == torch.bool:
+                if stateful.numel() != numel:
+                    raise ValueError(f"a stateful mask needs {numel} entries, got {stateful.numel()}")
+                mask = stateful.to(param.device)
+                n = int(mask.sum())
+            elif stateful.is_floating_point():
+                raise TypeError(f"positions must be integer indices or a bool mask, got {stateful.dtype}")
             else:
-                positions = positions.to(device=param.device, dtype=_index_dtype(numel))
+                positions = stateful.to(device=param.device, dtype=_index_dtype(numel))
                 if positions.numel() and (
                     int(positions[0]) < 0
                     or int(positions[-1]) >= numel
                     or not bool((positions[1:] > positions[:-1]).all())
                 ):
                     raise ValueError(f"positions must be sorted, unique and in [0, {numel})")
+                n = positions.numel()
+            if n < numel:
+                index_bytes = torch.empty((), dtype=_index_dtype(numel)).element_size()
+                if bits.packed_numel(numel) <= n * index_bytes:
+                    if mask is None:
+                        mask = torch.zeros(numel, dtype=torch.bool, device=param.device)
+                        mask[positions.long()] = True
+                    new_key, new = "bitmap", bits.pack(mask)
+                else:
+                    if positions is None:
+                        positions = mask.nonzero().view(-1).to(_index_dtype(numel))
+                    new_key, new = "positions", positions
         state = self.state[param]
-        old = state.get("positions")
-        if old is None and positions is None:
+        old_key = next((k for k in LAYOUT_KEYS if k in state), None)
+        if old_key == new_key and (new is None or torch.equal(state[old_key], new)):
             return
-        if old is not None and positions is not None and torch.equal(old, positions):
-            return
-        for key in _STATE_KEYS:
-            if key in state:
-                state[key] = repack(state[key], old, positions, numel, param.shape)
-        if positions is None:
-            state.pop("positions", None)
-        else:
-            state["positions"] = positions
+        if any(key in state for key in (*_STATE_KEYS, "master")):
+            old_pos, new_pos = _positions(state, numel), None
+            if new_key is not None:
+                new_pos = _positions({new_key: new}, numel)
+            for key in _STATE_KEYS:
+                if key in state:
+                    state[key] = repack(state[key], old_pos, new_pos, numel, param.shape)
+            if "master" in state:  # entries that become stateful take the weight as it stands
+                fill = param.detach().reshape(-1)
+                state["master"] = repack(state["master"], old_pos, new_pos, numel, param.shape, fill=fill)
+        for key in LAYOUT_KEYS:
+            state.pop(key, None)
+        if new_key is not None:
+            state[new_key] = new
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (moments, positions, step counters)."""
+        """Bytes held in optimizer state tensors (moments, master copies, stateful sets, step counters)."""
         return sum(
             v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor)
         )
@@ -184,21 +256,32 @@ class CompactAdam(torch.optim.Optimizer):
 
     def _step_one(self, p: torch.Tensor, group: Dict[str, Any], lr: float, beta1: float, beta2: float) -> None:
         state = self.state[p]
-        positions = state.get("positions")
+        positions, mask = state.get("positions"), None
+        if "bitmap" in state:
+            mask = bits.unpack(state["bitmap"], p.numel())  # one transient bool tensor per step
+        keep_master = self._keeps_master(p)
+        dtype = torch.float32 if keep_master else p.dtype
+        packed = positions is not None or mask is not None
+        if packed and not p.is_contiguous():
+            raise ValueError("CompactAdam: packed state needs contiguous parameters")
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
             for key in _STATE_KEYS:
-                if positions is None:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if not packed:
+                    state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 else:
-                    state[key] = torch.zeros(positions.numel(), dtype=p.dtype, device=p.device)
-        if positions is None:
-            param, grad = p, p.grad
+                    n = positions.numel() if mask is None else int(bits.count(state["bitmap"]))
+                    state[key] = torch.zeros(n, dtype=dtype, device=p.device)
+        if keep_master and "master" not in state:
+            # As ZeRO's own fp32 master, which it builds from the low-precision partition.
+            state["master"] = _gather(p.detach(), positions, mask).to(torch.float32, copy=True)
+        grad = _gather(p.grad, positions, mask)
+        if keep_master:
+            param, grad = state["master"], grad.to(torch.float32)
+        elif packed:
+            param = _gather(p, positions, mask)
         else:
-            if not p.is_contiguous():
-                raise ValueError("CompactAdam: packed state needs contiguous parameters")
-            param = p.view(-1).index_select(0, positions)
-            grad = p.grad.reshape(-1).index_select(0, positions)
+            param = p
         if group["maximize"]:
             grad = -grad
         exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
@@ -221,27 +304,61 @@ class CompactAdam(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
-        if positions is not None:
-            p.view(-1).index_put_((positions,), param)
+        if keep_master or packed:
+            _scatter(p, param.to(p.dtype), positions, mask)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's, except that ``positions`` keep their integer dtype (torch casts every non-step
-        state tensor to the parameter's dtype, which would round indices above 2**24)."""
-        saved = state_dict["state"]
-        positions = {k: v["positions"] for k, v in saved.items() if isinstance(v, dict) and "positions" in v}
-        stripped = dict(state_dict)
-        stripped["state"] = {
-            k: ({kk: vv for kk, vv in v.items() if kk != "positions"} if isinstance(v, dict) else v)
-            for k, v in saved.items()
-        }
-        super().load_state_dict(stripped)
+        """torch's, except that the stateful set keeps its integer dtype and, with master weights,
+        moments and master copies stay fp32 (torch casts every non-step state tensor to the
+        parameter's dtype, which would round indices above 2**24 and the master to bf16)."""
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         by_id = dict(zip(ids, params))
-        for k, pos in positions.items():
+        raw: Dict[Any, Dict[str, torch.Tensor]] = {}
+        stripped_state = {}
+        for k, v in state_dict["state"].items():
+            if isinstance(v, dict) and k in by_id:
+                keep = LAYOUT_KEYS + ((*_STATE_KEYS, "master") if self._keeps_master(by_id[k]) else ())
+                raw[k] = {kk: vv for kk, vv in v.items() if kk in keep}
+                v = {kk: vv for kk, vv in v.items() if kk not in keep}
+            stripped_state[k] = v
+        super().load_state_dict({**state_dict, "state": stripped_state})
+        for k, tensors in raw.items():
             p = by_id[k]
-            self.state[p]["positions"] = pos.to(device=p.device, dtype=_index_dtype(p.numel()))
+            for kk, v in tensors.items():
+                if kk == "bitmap":
+                    dtype = torch.uint8
+                elif kk == "positions":
+                    dtype = _index_dtype(p.numel())
+                else:
+                    dtype = torch.float32
+                self.state[p][kk] = v.to(device=p.device, dtype=dtype)
+
+
+def _gather(t: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The stateful entries of ``t`` in flat index order (``t`` itself when every entry is)."""
+    if positions is not None:
+        return t.reshape(-1).index_select(0, positions)
+    if mask is not None:  # masked_select: the same entries in the same order
+        return t.reshape(-1)[mask]
+    return t
+
+
+def _scatter(p: torch.Tensor, values: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    if positions is not None:
+        p.view(-1).index_put_((positions,), values)
+    elif mask is not None:
+        p.view(-1).masked_scatter_(mask, values)
+    else:
+        p.copy_(values)
+
+
+def _positions(state: Dict[str, Any], numel: int) -> Optional[torch.Tensor]:
+    """The stateful set of one parameter's state as sorted flat indices (None: every entry)."""
+    if "bitmap" in state:
+        return bits.unpack(state["bitmap"], numel).nonzero().view(-1).to(_index_dtype(numel))
+    return state.get("positions")
 
 
 class CompactAdamW(CompactAdam):

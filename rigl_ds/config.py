@@ -56,6 +56,7 @@ class RigLConfig(BaseModel):
     initial_sparsity: float = 0.0
     seed: int = Field(default=0, ge=0)
     compact_optimizer_state: bool = False
+    compact_master_weights: bool = False
 
     @field_validator("sparsity", "initial_sparsity")
     @classmethod
@@ -92,6 +93,8 @@ class RigLConfig(BaseModel):
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) must not exceed sparsity ({self.sparsity}) for method gmp"
             )
+        if self.compact_master_weights and not self.compact_optimizer_state:
+            raise ValueError("compact_master_weights needs compact_optimizer_state: true")
         if self.method != "gmp" and "initial_sparsity" in self.model_fields_set:
             raise ValueError("initial_sparsity is a setting of method 'gmp' only")
         return self

@@ -158,7 +158,7 @@ class SparseController:
     def layer_report(self) -> List[Dict[str, Any]]:
         """Per masked layer: entries, active entries and sparsity, reduced over all ranks."""
         local = (
-            torch.stack([s.mask.sum() for s in self.shards]).long() if self.shards else torch.zeros(0, dtype=torch.long)
+            torch.stack([s.active_count() for s in self.shards]) if self.shards else torch.zeros(0, dtype=torch.long)
         )
         active = self.comm.all_reduce_sum(local).cpu().tolist()
         return [
@@ -174,7 +174,7 @@ class SparseController:
             "skipped_updates": self.skipped_updates,
             "updates": self.updates,
             "config": self.config.model_dump(),
-            "masks": {s.layer.name: s.mask.clone() for s in self.shards},
+            "masks": {s.layer.name: s.mask for s in self.shards},  # bool on disk: readable without rigl_ds
             "pool_counts": self.active_counts(),
             "method_state": self.method.state_dict(self.shards),
         }
@@ -188,7 +188,7 @@ class SparseController:
             m = masks[s.layer.name]
             if m.numel() != s.numel:
                 raise ValueError(f"{s.layer.name}: checkpoint mask has {m.numel()} entries, this shard {s.numel}")
-            s.mask.copy_(m.reshape(-1).to(s.mask.device))
+            s.mask = m.reshape(-1)
         check_counts(
             self.shards, self.comm, self.plan.n_pools, torch.as_tensor(state["pool_counts"]), "checkpoint load"
         )

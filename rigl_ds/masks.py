@@ -34,12 +34,12 @@ class UpdateStats:
 
 def pool_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int) -> torch.Tensor:
     """Global active entries per pool (int64), one all_reduce for all layers."""
-    device = shards[0].mask.device if shards else torch.device("cpu")
+    device = shards[0].device if shards else torch.device("cpu")
     local = torch.zeros(n_pools, dtype=torch.long, device=device)
     for s in shards:
         pools = s.pool_ids()
         if isinstance(pools, int):
-            local[pools] += s.mask.sum()
+            local[pools] += s.active_count()
         else:
             local += torch.bincount(pools[s.mask], minlength=n_pools)
     return comm.all_reduce_sum(local)
@@ -69,10 +69,10 @@ def init_masks(
     partition reproduces) or, for the global distribution, by initial weight magnitude.
     ``all_active``: every target is its pool's size (dense start, as GMP's), so no selection runs."""
     if all_active:
-        new = [torch.ones_like(s.mask) for s in shards]
+        new = [torch.ones(s.numel, dtype=torch.bool, device=s.device) for s in shards]
     else:
         if by_magnitude:
-            scores = [s.weight.detach().abs().float() for s in shards]
+            scores = [s.precise_weight().detach().abs().float() for s in shards]
         else:
             scores = [
                 keyed_random.uniform(keyed_random.derive_key(seed, "init", s.layer.name), s.global_indices())
@@ -80,7 +80,7 @@ def init_masks(
             ]
         new = comm.select_topk(scores, [s.pool_ids() for s in shards], targets, None, shards)
     for s, m in zip(shards, new):
-        s.mask.copy_(m)
+        s.mask = m
     apply_masks(shards, with_optimizer_state=True)
     check_counts(shards, comm, n_pools, targets, "mask initialisation")
 
@@ -94,12 +94,13 @@ def keep_active(tensor: torch.Tensor, mask: torch.Tensor) -> None:
 def apply_masks(shards: Sequence[Shard], with_optimizer_state: bool = False) -> None:
     """Masked entries exactly zero in the weight (every copy) and, on request, the optimizer state."""
     for s in shards:
-        keep_active(s.weight, s.mask)
+        mask = s.mask
+        keep_active(s.weight, mask)
         for copy in s.extra_copies():
-            keep_active(copy, s.mask)
+            keep_active(copy, mask)
         if with_optimizer_state:
             for state in s.optimizer_states():
-                keep_active(state, s.mask)
+                keep_active(state, mask)
 
 
 def mask_gradients(shards: Sequence[Shard]) -> None:
@@ -112,7 +113,7 @@ def mask_gradients(shards: Sequence[Shard]) -> None:
 
 def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
     """True when every rank's gradients of masked layers are finite (missing gradients count as finite)."""
-    bad = torch.zeros(1, dtype=torch.long, device=shards[0].mask.device if shards else None)
+    bad = torch.zeros(1, dtype=torch.long, device=shards[0].device if shards else None)
     for s in shards:
         g = s.grad()
         if g is not None and not bool(torch.isfinite(g).all()):
@@ -122,9 +123,9 @@ def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
 
 def _layer_std(shards: Sequence[Shard], comm: Collectives) -> List[float]:
     """Std of each whole layer (zeros included), as the reference's random_normal grow init uses."""
-    stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=shards[0].mask.device)
+    stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=shards[0].device)
     for i, s in enumerate(shards):
-        w = s.weight.detach().double()
+        w = s.precise_weight().detach().double()
         stats[i] = torch.stack(
             [w.sum(), (w * w).sum(), torch.tensor(float(s.numel), dtype=torch.float64, device=w.device)]
         )
@@ -147,7 +148,7 @@ def commit_masks(
     zero optimizer state; entries that leave the mask become zero in weight and state; entries
     active before and after keep both, even if the drop step chose them first."""
     stds = _layer_std(shards, comm) if grow_init == "random_normal" else None
-    counts = torch.zeros(3, dtype=torch.long, device=shards[0].mask.device)
+    counts = torch.zeros(3, dtype=torch.long, device=shards[0].device)
     for i, (s, new) in enumerate(zip(shards, new_masks)):
         old = s.mask
         grown = new & ~old
@@ -167,7 +168,7 @@ def commit_masks(
         counts[1] += grown.sum()
         if chosen_to_drop is not None:
             counts[2] += (chosen_to_drop[i] & new).sum()
-        s.mask.copy_(new)
+        s.mask = new
     counts = comm.all_reduce_sum(counts).tolist()
     stats.dropped, stats.grown, stats.regrown = counts
 
@@ -189,7 +190,7 @@ def drop_and_grow(
     k = torch.tensor([int(drop_fraction * n) for n in n_active.tolist()], dtype=torch.long)
     pools = [s.pool_ids() for s in shards]
     keep = comm.select_topk(
-        [s.weight.detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards
+        [s.precise_weight().detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards
     )
     grow = comm.select_topk(grow_scores, pools, k, [~kp for kp in keep], shards)
     stats = UpdateStats(step=step, drop_fraction=drop_fraction, n_active=int(n_active.sum()))
@@ -204,7 +205,7 @@ def prune_to(shards: Sequence[Shard], comm: Collectives, n_pools: int, step: int
     n_active = pool_counts(shards, comm, n_pools).cpu()
     targets = torch.minimum(targets, n_active)  # pruning never grows
     keep = comm.select_topk(
-        [s.weight.detach().abs() for s in shards],
+        [s.precise_weight().detach().abs() for s in shards],
         [s.pool_ids() for s in shards],
         targets,
         [s.mask for s in shards],

@@ -69,7 +69,7 @@ class SparseTraining:
     def _repack_optimizer_state(self) -> None:
         """Compact optimizer state: each masked weight's moments only at its active entries."""
         for shard in self.shards:
-            self.optimizer.set_stateful(shard.param, shard.mask.nonzero().view(-1))
+            self.optimizer.set_stateful(shard.param, shard.mask)
 
     def _make_grad_hook(self, index: int, shard: WholeTensorShard) -> Callable[[torch.Tensor], None]:
         def mask_accumulated_grad(param: torch.Tensor) -> None:
@@ -118,7 +118,7 @@ class SparseTraining:
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
-        """Boolean masks in the weights' shapes (views of the live masks)."""
+        """Boolean masks in the weights' shapes (unpacked copies: the live masks are bits)."""
         return {s.layer.name: s.mask.view(s.layer.shape) for s in self.shards}
 
     def layer_report(self) -> List[Dict[str, Any]]:

@@ -9,16 +9,21 @@ partitions and collective-based selection, and the same method code runs unchang
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from . import bits
 from .plan import LayerPlan
 from .topk import select_topk
 
 
 class Shard:
     """The contiguous global range [offset, offset + numel) of one masked layer held here."""
+
+    # Set by an adapter whose optimizer keeps the full-precision weights outside ``weight`` (compact
+    # master weights): returns them for this range, or None while there are none yet.
+    master_source: Optional[Callable[["Shard"], Optional[torch.Tensor]]] = None
 
     def __init__(self, layer: LayerPlan, offset: int, numel: int, device: torch.device):
         if offset < 0 or offset + numel > layer.numel:
@@ -28,12 +33,40 @@ class Shard:
         self.layer = layer
         self.offset = offset
         self.numel = numel
+        self.device = torch.device(device)
         self.mask = torch.ones(numel, dtype=torch.bool, device=device)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """This range's mask as a 1-D bool tensor, unpacked from its bits: a new tensor each read,
+        so change the mask by assigning (``shard.mask = new``), never by writing into a read."""
+        return bits.unpack(self.mask_bits, self.numel)
+
+    @mask.setter
+    def mask(self, value: torch.Tensor) -> None:
+        if value.dtype != torch.bool or value.numel() != self.numel:
+            raise ValueError(
+                f"{self.layer.name}: a mask for this shard is {self.numel} bool entries, got {value.numel()} {value.dtype}"
+            )
+        self.mask_bits = bits.pack(value.to(self.device))
+
+    def active_count(self) -> torch.Tensor:
+        """Active entries held here (int64 scalar tensor), counted on the bits."""
+        return bits.count(self.mask_bits)
 
     @property
     def weight(self) -> torch.Tensor:
         """Live 1-D view of the master copy of this range (writes go to the model)."""
         raise NotImplementedError
+
+    def precise_weight(self) -> torch.Tensor:
+        """The weight at full precision, which magnitude ranking reads: ``weight``, unless the
+        optimizer keeps the master copy elsewhere (then a fresh fp32 tensor)."""
+        if self.master_source is not None:
+            values = self.master_source(self)
+            if values is not None:
+                return values
+        return self.weight
 
     def grad(self) -> Optional[torch.Tensor]:
         """Live 1-D view of the (data-parallel reduced) dense gradient, or None before backward."""
@@ -48,7 +81,7 @@ class Shard:
         return []
 
     def global_indices(self) -> torch.Tensor:
-        return torch.arange(self.offset, self.offset + self.numel, device=self.mask.device)
+        return torch.arange(self.offset, self.offset + self.numel, device=self.device)
 
     def pool_ids(self) -> Union[int, torch.Tensor]:
         """The pool of every entry held here: an int when the layer is one pool (no tensor needed)."""

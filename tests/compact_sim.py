@@ -9,6 +9,8 @@ from typing import Any, Dict
 import torch
 from ds_sim import batch, ds_config, full_masks, tiny_model
 
+from rigl_ds.compact import LAYOUT_KEYS
+
 # Updates at optimizer steps 0, 2, 4, 6, 8, 10: six mask updates in twelve steps.
 RIGL = {"method": "rigl", "sparsity": 0.8, "delta_t": 2, "begin_step": 0, "end_step": 10, "seed": 3}
 
@@ -23,6 +25,7 @@ def train(
     save_at: int = None,
     save_dir: str = None,
     load_dir: str = None,
+    master: bool = False,
     **extra,
 ) -> Dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param
@@ -37,6 +40,8 @@ def train(
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     block = {**(rigl or RIGL), "compact_optimizer_state": compact}
+    if master:
+        block["compact_master_weights"] = True
     engine, _, _, _ = rigl_ds.initialize(
         model=model, optimizer=optimizer, config=ds_config(stage, dtype, block, **extra)
     )
@@ -55,6 +60,8 @@ def train(
             engine.save_checkpoint(save_dir)
     basic = engine.basic_optimizer
     weights = {n: safe_get_full_fp32_param(p).detach().clone().reshape(-1) for n, p in engine.module.named_parameters()}
+    if master:  # DeepSpeed's "fp32" master is bf16 here; the optimizer's own masters are what it steps
+        weights = {n: w.float() for n, w in weights.items()}
     state = [s for s in basic.state.values() if s]
     return {
         "optimizer": type(basic).__name__,
@@ -67,7 +74,9 @@ def train(
         "state_bytes": sum(
             v.numel() * v.element_size() for s in state for v in s.values() if isinstance(v, torch.Tensor)
         ),
-        "packed": any("positions" in s for s in state),
+        "packed": any(k in s for s in state for k in LAYOUT_KEYS),
+        "masters": sum(s["master"].numel() for s in state if "master" in s),
+        "bf16_flags": engine._config.bfloat16_config.bf16_master_weights_and_grads,
         "fp32_numel": sum(p.numel() for g in basic.param_groups for p in g["params"]) if stage != 3 else None,
     }
 

@@ -56,6 +56,30 @@ def test_set_stateful_keeps_kept_positions_zeroes_new_ones_and_frees_dropped():
         opt.set_stateful(p, torch.tensor([5, 3]))
 
 
+def test_the_stateful_set_is_a_bitmap_when_that_is_smaller_than_int32_positions_and_steps_the_same():
+    torch.manual_seed(0)
+    for density, layout in ((0.10, "bitmap"), (0.02, "positions")):
+        mask = torch.rand(4096) < density
+        p = torch.randn(4096).masked_fill_(~mask, 0).requires_grad_()
+        q = p.detach().clone().requires_grad_()
+        a, b = CompactAdam([p], lr=0.1), CompactAdam([q], lr=0.1)
+        a.set_stateful(p, mask)  # chooses the layout
+        b.set_stateful(q, mask.nonzero().view(-1))
+        assert layout in a.state[p] and set(a.state[p]) == set(b.state[q])
+        a.state[p], b.state[q] = {}, {}  # force the other layout on b: positions stored as given
+        a.set_stateful(p, mask)
+        b.state[q]["positions"] = mask.nonzero().view(-1).to(torch.int32)
+        for step in range(5):
+            g = torch.randn(4096, generator=torch.Generator().manual_seed(step))
+            p.grad, q.grad = g.clone(), g.clone()
+            a.step()
+            b.step()
+            assert torch.equal(p, q)
+            assert torch.equal(a.state[p]["exp_avg"], b.state[q]["exp_avg"])
+        assert bool((p.detach()[~mask] == 0).all())
+        assert a.state_bytes() - 8 * int(mask.sum()) <= min(4096 // 8, 4 * int(mask.sum())) + 4
+
+
 class _MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -113,7 +137,8 @@ def test_under_masks_compact_state_gives_bit_identical_weights_to_dense_state(me
         assert torch.equal(mask, dense_sparse.masks[name])
         p = dict(model.named_parameters())[name]
         st, dense_st = opt.state[p], dense_opt.state[dict(dense_model.named_parameters())[name]]
-        assert torch.equal(st["positions"].long(), mask.view(-1).nonzero().view(-1))
+        assert "bitmap" in st and st["bitmap"].numel() == (mask.numel() + 7) // 8  # 10% active: bits beat int32
+        assert torch.equal(opt.stateful_positions(p).long(), mask.view(-1).nonzero().view(-1))
         for key in ("exp_avg", "exp_avg_sq"):  # packed moments are the dense moments' active entries
             assert torch.equal(st[key], dense_st[key].view(-1)[mask.view(-1)])
             assert not bool(dense_st[key].view(-1)[~mask.view(-1)].any())
@@ -122,11 +147,14 @@ def test_under_masks_compact_state_gives_bit_identical_weights_to_dense_state(me
     )
 
 
-def test_a_checkpoint_round_trips_positions_and_resumes_bit_identically():
-    model, _, sparse, saved = _plain_run(CompactAdamW, "rigl", save_at=23)
-    assert any(v["positions"].dtype == torch.int32 for v in saved["optimizer"]["state"].values() if "positions" in v)
+def test_a_checkpoint_round_trips_the_stateful_set_and_resumes_bit_identically():
+    model, opt, sparse, saved = _plain_run(CompactAdamW, "rigl", save_at=23)
+    assert any(v["bitmap"].dtype == torch.uint8 for v in saved["optimizer"]["state"].values() if "bitmap" in v)
     resumed, ropt, rsparse, _ = _plain_run(CompactAdamW, "rigl", state=saved)
-    assert all(v.get("positions", torch.zeros(1, dtype=torch.int32)).dtype == torch.int32 for v in ropt.state.values())
+    assert all(v.get("bitmap", torch.zeros(1, dtype=torch.uint8)).dtype == torch.uint8 for v in ropt.state.values())
+    sets = [(opt.stateful_positions(p), ropt.stateful_positions(q)) for p, q in zip(opt.state, ropt.state)]
+    assert sum(a is not None for a, _ in sets) == 2  # fc1 and fc2
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in sets)
     for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
     assert all(torch.equal(m, rsparse.masks[n]) for n, m in sparse.masks.items())

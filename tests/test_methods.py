@@ -100,7 +100,7 @@ def test_dropped_and_regrown_entries_keep_their_weight_and_state():
     opt.step()  # non-zero Adam state everywhere
     layer = LayerPlan("w", (20, 10))
     shard = WholeTensorShard(layer, weight, opt)
-    shard.mask.copy_(torch.arange(200) % 2 == 0)
+    shard.mask = torch.arange(200) % 2 == 0
     weight.data.view(-1)[~shard.mask] = 0
     weight.grad = torch.where(shard.mask.view(20, 10), 1.0, 0.0)  # dropped entries have the largest gradients
     w_before, s_before = weight.detach().clone(), layer_states(opt, weight)
@@ -119,7 +119,7 @@ def test_drop_never_keeps_an_inactive_entry_and_k_is_truncated():
     weight = nn.Parameter(torch.zeros(7, 9))  # every |w| ties at 0, active and inactive alike
     layer = LayerPlan("w", (7, 9))
     shard = WholeTensorShard(layer, weight, None)
-    shard.mask.copy_(torch.arange(63) >= 40)  # the active entries have the highest indices
+    shard.mask = torch.arange(63) >= 40  # the active entries have the highest indices
     before = shard.mask.clone()
     weight.grad = torch.zeros_like(weight)
     stats = drop_and_grow([shard], LocalCollectives(), 1, step=0, drop_fraction=0.37, grow_scores=[torch.zeros(63)])

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..compact import CompactAdam
+from ..compact import LAYOUT_KEYS, CompactAdam
 from ..config import RigLConfig, RigLConfigError, load_config
 from ..controller import SparseController
 from ..layers import find_sparse_weights, global_shape
@@ -62,7 +62,7 @@ def initialize(*args: Any, total_steps: Optional[int] = None, **kwargs: Any):
             raise ValueError("rigl_ds.initialize needs the model (model=...)")
         _plan_for(model, rigl_config)
         if rigl_config.compact_optimizer_state:
-            args, kwargs = _with_compact_optimizer(args, kwargs, config)
+            args, kwargs = _with_compact_optimizer(args, kwargs, config, rigl_config.compact_master_weights)
     out = deepspeed.initialize(*args, **kwargs)
     if block is None:
         return out
@@ -90,6 +90,11 @@ class SparseEngine:
                     f"{type(engine.basic_optimizer).__name__}, not rigl_ds.compact.CompactAdam"
                 )
             self.controller.mask_listeners.append(self._repack_optimizer_state)
+            if config.compact_master_weights:
+                basic = engine.basic_optimizer
+                for s in self.shards:
+                    if getattr(s, "storage", None) is not None:
+                        s.master_source = lambda s: basic.master_range(s.storage, s.storage_offset, s.numel)
         self.controller.initialize_masks()
         self._refresh_low_precision()
         self._skip_optimizer = False
@@ -139,8 +144,8 @@ class SparseEngine:
         torch optimizer has state."""
         if self.layout != "fragments" or self._states_linked:
             return
-        # Compact state records its positions before the first step: that is not state to link.
-        if not any(key != "positions" for state in self._basic.state.values() for key in state):
+        # Compact state records its stateful set before the first step: that is not state to link.
+        if not any(key not in LAYOUT_KEYS for state in self._basic.state.values() for key in state):
             return
         self.engine.optimizer._hp_optimizer_states_linked = False
         self.engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -160,7 +165,7 @@ class SparseEngine:
             keep = torch.ones(storage.numel(), dtype=torch.bool, device=storage.device)
             for s in shards:
                 keep.narrow(0, s.storage_offset, s.numel).copy_(s.mask)
-            self.engine.basic_optimizer.set_stateful(storage, keep.nonzero().view(-1))
+            self.engine.basic_optimizer.set_stateful(storage, keep)
         if self.layout == "fragments" and self._states_linked:
             # Re-link DeepSpeed's fragment views so none holds a freed dense moment.
             self.engine.optimizer._hp_optimizer_states_linked = False
@@ -219,9 +224,29 @@ class SparseEngine:
         return load_path, client_state
 
 
-def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any]):
+def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any], master_weights: bool):
     """``deepspeed.initialize``'s arguments with the client optimizer as a ``CompactAdam``: a torch
-    Adam / AdamW is converted (same groups and hyper-parameters), a CompactAdam passes as it is."""
+    Adam / AdamW is converted (same groups and hyper-parameters), a CompactAdam passes as it is.
+    ``master_weights``: the optimizer keeps fp32 masters of active entries, and DeepSpeed's master
+    weights and gradients go to bf16 (ZeRO-3 then shares them with the bf16 partition)."""
+    needed: Dict[str, Any] = {}
+    if master_weights:
+        bf16 = config.get("bf16", {})
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if not bf16.get("enabled", False) or stage not in (1, 2, 3):
+            raise RigLConfigError(
+                "rigl.compact_master_weights: needs bf16 training under ZeRO stage 1, 2 or 3 "
+                f'("bf16": {{"enabled": true}}, "zero_optimization": {{"stage": 1|2|3}}); got bf16 '
+                f"{bf16.get('enabled', False)}, stage {stage}"
+            )
+        if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            logger.warning(
+                "rigl.compact_master_weights: DeepSpeed accumulates gradients in bf16 in this mode, "
+                "so with gradient_accumulation_steps > 1 results differ from an fp32-master run"
+            )
+        flags = {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+        if any(bf16.get(k) is not True for k in flags):
+            needed["bf16"] = {**bf16, **flags}
     if "optimizer" in config:
         raise RigLConfigError(
             "rigl.compact_optimizer_state: needs a client optimizer (rigl_ds.compact.CompactAdam or a "
@@ -239,19 +264,21 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
             optimizer = CompactAdam.from_torch(optimizer)
         except ValueError as exc:
             raise RigLConfigError(f"rigl.compact_optimizer_state: {exc}") from None
+    optimizer.master_weights = master_weights
     if positional:
         args = args[:2] + (optimizer,) + args[3:]
     else:
         kwargs = {**kwargs, "optimizer": optimizer}
     if not config.get("zero_allow_untested_optimizer", False):
-        # ZeRO refuses client optimizers it does not know unless told otherwise.
+        needed["zero_allow_untested_optimizer"] = True  # ZeRO asks for it with client optimizers it does not know
+    if needed:
         key = next((k for k in ("config", "config_params") if kwargs.get(k) is not None), None)
         if key is None:
             raise RigLConfigError(
-                'rigl.compact_optimizer_state: add "zero_allow_untested_optimizer": true to the DeepSpeed '
-                "config (ZeRO asks for it with any client optimizer it does not know), or pass config=..."
+                f"rigl.compact_optimizer_state: add {json.dumps(needed)} to the DeepSpeed config, or pass "
+                "config=... so that rigl_ds can"
             )
-        kwargs = {**kwargs, key: {**config, "zero_allow_untested_optimizer": True}}
+        kwargs = {**kwargs, key: {**config, **needed}}
     return args, kwargs
 
 

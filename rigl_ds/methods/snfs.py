@@ -28,7 +28,7 @@ class SNFSMethod(DropGrowMethod):
 
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
         return [
-            self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel, device=s.mask.device)
+            self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel, device=s.device)
             for s in shards
         ]
 

@@ -58,12 +58,12 @@ class HpFragmentShard(Shard):
     @property
     def weight(self) -> torch.Tensor:
         if self.mapping is None:
-            return torch.empty(0, device=self.mask.device)
+            return torch.empty(0, device=self.device)
         return self.mapping.hp_fragment.detach().view(-1)
 
     def grad(self) -> Optional[torch.Tensor]:
         if self.mapping is None:
-            return torch.empty(0, device=self.mask.device)
+            return torch.empty(0, device=self.device)
         try:
             g = self.mapping.get_lp_grad_fragment(self.param._index_in_param_group)
         except ValueError:  # DeepSpeed: only between backward and the engine step
