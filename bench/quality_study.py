@@ -43,7 +43,7 @@ SIZES = {
         "char_gru": dict(
             sizes=dict(embed=64, hidden=192, readout=(128, 64)),
             width_key="hidden",
-            steps=300,
+            steps=600,
             batch=16,
             seq=64,
             lr=3e-3,
@@ -52,7 +52,7 @@ SIZES = {
         "gpt": dict(
             sizes=dict(n_layer=2, n_embd=128, n_head=4, n_positions=128),
             width_key="n_embd",
-            steps=200,
+            steps=400,
             batch=8,
             seq=64,
             lr=2e-3,

@@ -38,7 +38,6 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import bits
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 LAYOUT_KEYS = ("positions", "bitmap")  # the stateful set: not per-entry state
 
 
@@ -77,72 +76,14 @@ def repack(
     return out
 
 
-class CompactAdam(torch.optim.Optimizer):
-    """Adam / AdamW (``decoupled_weight_decay``) with moments only at each tensor's stateful positions.
+class CompactOptimizer(torch.optim.Optimizer):
+    """Per-entry optimizer state only at each tensor's stateful set (and fp32 masters, on request).
 
-    Supports torch Adam's defaults only: no amsgrad, foreach, fused, capturable or differentiable."""
+    Subclasses name their per-entry state (``state_keys``) and give the update of one tensor
+    (``_update``), written as torch's single-tensor step so that the dense layout is torch's."""
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
-        maximize: bool = False,
-        master_weights: bool = False,
-    ):
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid beta parameters: {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
-        self.master_weights = bool(master_weights)
-
-    @classmethod
-    def from_torch(cls, optimizer: torch.optim.Optimizer, master_weights: bool = False) -> "CompactAdam":
-        """The compact twin of a fresh ``torch.optim.Adam`` / ``AdamW`` (same param groups and
-        hyper-parameters). Refuses options whose arithmetic this class does not reproduce."""
-        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-            raise TypeError(f"can convert torch.optim.Adam or AdamW only, got {type(optimizer).__name__}")
-        if any(optimizer.state.values()):
-            raise ValueError("convert the optimizer before its first step (it already has state)")
-        groups = []
-        for g in optimizer.param_groups:
-            for opt in ("amsgrad", "capturable", "differentiable"):
-                if g.get(opt):
-                    raise ValueError(f"CompactAdam does not support {opt}=True")
-            if g.get("fused") or g.get("foreach"):
-                raise ValueError("CompactAdam reproduces the single-tensor path: foreach and fused must be off")
-            groups.append(
-                {
-                    "params": list(g["params"]),
-                    "lr": g["lr"],
-                    "betas": g["betas"],
-                    "eps": g["eps"],
-                    "weight_decay": g["weight_decay"],
-                    "decoupled_weight_decay": bool(
-                        g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
-                    ),
-                    "maximize": g.get("maximize", False),
-                }
-            )
-        out = cls(groups)
-        out.master_weights = bool(master_weights)
-        return out
+    state_keys: Tuple[str, ...] = ()
+    master_weights: bool = False
 
     def _keeps_master(self, p: torch.Tensor) -> bool:
         return self.master_weights and p.is_floating_point() and p.dtype != torch.float32
@@ -214,11 +155,11 @@ class CompactAdam(torch.optim.Optimizer):
         old_key = next((k for k in LAYOUT_KEYS if k in state), None)
         if old_key == new_key and (new is None or torch.equal(state[old_key], new)):
             return
-        if any(key in state for key in (*_STATE_KEYS, "master")):
+        if any(key in state for key in (*self.state_keys, "master")):
             old_pos, new_pos = _positions(state, numel), None
             if new_key is not None:
                 new_pos = _positions({new_key: new}, numel)
-            for key in _STATE_KEYS:
+            for key in self.state_keys:
                 if key in state:
                     state[key] = repack(state[key], old_pos, new_pos, numel, param.shape)
             if "master" in state:  # entries that become stateful take the weight as it stands
@@ -243,35 +184,23 @@ class CompactAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("CompactAdam does not support sparse gradients")
-                self._step_one(p, group, lr, beta1, beta2)
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._step_one(p, group)
         return loss
 
-    def _step_one(self, p: torch.Tensor, group: Dict[str, Any], lr: float, beta1: float, beta2: float) -> None:
+    def _step_one(self, p: torch.Tensor, group: Dict[str, Any]) -> None:
         state = self.state[p]
         positions, mask = state.get("positions"), None
         if "bitmap" in state:
             mask = bits.unpack(state["bitmap"], p.numel())  # one transient bool tensor per step
         keep_master = self._keeps_master(p)
-        dtype = torch.float32 if keep_master else p.dtype
         packed = positions is not None or mask is not None
         if packed and not p.is_contiguous():
-            raise ValueError("CompactAdam: packed state needs contiguous parameters")
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            for key in _STATE_KEYS:
-                if not packed:
-                    state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                else:
-                    n = positions.numel() if mask is None else int(bits.count(state["bitmap"]))
-                    state[key] = torch.zeros(n, dtype=dtype, device=p.device)
+            raise ValueError(f"{type(self).__name__}: packed state needs contiguous parameters")
         if keep_master and "master" not in state:
             # As ZeRO's own fp32 master, which it builds from the low-precision partition.
             state["master"] = _gather(p.detach(), positions, mask).to(torch.float32, copy=True)
@@ -282,10 +211,120 @@ class CompactAdam(torch.optim.Optimizer):
             param = _gather(p, positions, mask)
         else:
             param = p
+        self._update(param, grad, state, group)
+        if keep_master or packed:
+            _scatter(p, param.to(p.dtype), positions, mask)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's, except that the stateful set keeps its integer dtype and, with master weights,
+        moments and master copies stay fp32 (torch casts every non-step state tensor to the
+        parameter's dtype, which would round indices above 2**24 and the master to bf16)."""
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(ids, params))
+        raw: Dict[Any, Dict[str, torch.Tensor]] = {}
+        stripped_state = {}
+        for k, v in state_dict["state"].items():
+            if isinstance(v, dict) and k in by_id:
+                keep = LAYOUT_KEYS + ((*self.state_keys, "master") if self._keeps_master(by_id[k]) else ())
+                raw[k] = {kk: vv for kk, vv in v.items() if kk in keep}
+                v = {kk: vv for kk, vv in v.items() if kk not in keep}
+            stripped_state[k] = v
+        super().load_state_dict({**state_dict, "state": stripped_state})
+        for k, tensors in raw.items():
+            p = by_id[k]
+            for kk, v in tensors.items():
+                if kk == "bitmap":
+                    dtype = torch.uint8
+                elif kk == "positions":
+                    dtype = _index_dtype(p.numel())
+                else:
+                    dtype = torch.float32
+                self.state[p][kk] = v.to(device=p.device, dtype=dtype)
+
+
+class CompactAdam(CompactOptimizer):
+    """Adam / AdamW (``decoupled_weight_decay``) with moments only at each tensor's stateful positions.
+
+    Supports torch Adam's defaults only: no amsgrad, foreach, fused, capturable or differentiable."""
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        master_weights: bool = False,
+    ):
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self.master_weights = bool(master_weights)
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer, master_weights: bool = False) -> "CompactAdam":
+        """The compact twin of a fresh ``torch.optim.Adam`` / ``AdamW`` (same param groups and
+        hyper-parameters). Refuses options whose arithmetic this class does not reproduce."""
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            raise TypeError(f"can convert torch.optim.Adam or AdamW only, got {type(optimizer).__name__}")
+        if any(optimizer.state.values()):
+            raise ValueError("convert the optimizer before its first step (it already has state)")
+        groups = []
+        for g in optimizer.param_groups:
+            for opt in ("amsgrad", "capturable", "differentiable"):
+                if g.get(opt):
+                    raise ValueError(f"CompactAdam does not support {opt}=True")
+            if g.get("fused") or g.get("foreach"):
+                raise ValueError("CompactAdam reproduces the single-tensor path: foreach and fused must be off")
+            groups.append(
+                {
+                    "params": list(g["params"]),
+                    "lr": g["lr"],
+                    "betas": g["betas"],
+                    "eps": g["eps"],
+                    "weight_decay": g["weight_decay"],
+                    "decoupled_weight_decay": bool(
+                        g.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+                    ),
+                    "maximize": g.get("maximize", False),
+                }
+            )
+        out = cls(groups)
+        out.master_weights = bool(master_weights)
+        return out
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            for key in self.state_keys:  # param's layout: p's shape, or one entry per stateful position
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if group["maximize"]:
             grad = -grad
         exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
         weight_decay, eps = group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
 
         # torch/optim/adam.py _single_tensor_adam (capturable=False, differentiable=False), in its order.
         step_t += 1
@@ -304,36 +343,78 @@ class CompactAdam(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
-        if keep_master or packed:
-            _scatter(p, param.to(p.dtype), positions, mask)
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's, except that the stateful set keeps its integer dtype and, with master weights,
-        moments and master copies stay fp32 (torch casts every non-step state tensor to the
-        parameter's dtype, which would round indices above 2**24 and the master to bf16)."""
-        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(ids, params))
-        raw: Dict[Any, Dict[str, torch.Tensor]] = {}
-        stripped_state = {}
-        for k, v in state_dict["state"].items():
-            if isinstance(v, dict) and k in by_id:
-                keep = LAYOUT_KEYS + ((*_STATE_KEYS, "master") if self._keeps_master(by_id[k]) else ())
-                raw[k] = {kk: vv for kk, vv in v.items() if kk in keep}
-                v = {kk: vv for kk, vv in v.items() if kk not in keep}
-            stripped_state[k] = v
-        super().load_state_dict({**state_dict, "state": stripped_state})
-        for k, tensors in raw.items():
-            p = by_id[k]
-            for kk, v in tensors.items():
-                if kk == "bitmap":
-                    dtype = torch.uint8
-                elif kk == "positions":
-                    dtype = _index_dtype(p.numel())
-                else:
-                    dtype = torch.float32
-                self.state[p][kk] = v.to(device=p.device, dtype=dtype)
+class CompactSGD(CompactOptimizer):
+    """``torch.optim.SGD`` with its momentum buffer only at each tensor's stateful positions.
+
+    Supports torch SGD's single-tensor path: no foreach, fused or differentiable."""
+
+    state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        master_weights: bool = False,
+    ):
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self.master_weights = bool(master_weights)
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer, master_weights: bool = False) -> "CompactSGD":
+        """The compact twin of a fresh ``torch.optim.SGD`` (same param groups and hyper-parameters)."""
+        if type(optimizer) is not torch.optim.SGD:
+            raise TypeError(f"can convert torch.optim.SGD only, got {type(optimizer).__name__}")
+        if any(optimizer.state.values()):
+            raise ValueError("convert the optimizer before its first step (it already has state)")
+        groups = []
+        for g in optimizer.param_groups:
+            if g.get("fused") or g.get("foreach") or g.get("differentiable"):
+                raise ValueError("CompactSGD reproduces the single-tensor path: foreach, fused, differentiable off")
+            keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+            groups.append({"params": list(g["params"]), **{k: g[k] for k in keys}})
+        out = cls(groups)
+        out.master_weights = bool(master_weights)
+        return out
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        # torch/optim/sgd.py _single_tensor_sgd, in its order.
+        lr = group["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        if group["maximize"]:
+            grad = -grad
+        if group["weight_decay"] != 0:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.clone(grad).detach()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        param.add_(grad, alpha=-lr)
 
 
 def _gather(t: torch.Tensor, positions: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .compact import CompactAdam
+from .compact import CompactOptimizer
 from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
 from .controller import SparseController
 from .flops import FlopsReport, TrainingFlops, flops_report, weight_uses
@@ -53,7 +53,7 @@ class SparseTraining:
         self.plan = plan
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
-        if isinstance(optimizer, CompactAdam):
+        if isinstance(optimizer, CompactOptimizer):
             self.controller.mask_listeners.append(self._repack_optimizer_state)
         self.controller.initialize_masks()
         self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient

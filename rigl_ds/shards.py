@@ -46,7 +46,8 @@ class Shard:
     def mask(self, value: torch.Tensor) -> None:
         if value.dtype != torch.bool or value.numel() != self.numel:
             raise ValueError(
-                f"{self.layer.name}: a mask for this shard is {self.numel} bool entries, got {value.numel()} {value.dtype}"
+                f"{self.layer.name}: a mask for this shard is {self.numel} bool entries, "
+                f"got {value.numel()} {value.dtype}"
             )
         self.mask_bits = bits.pack(value.to(self.device))
 

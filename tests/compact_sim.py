@@ -26,6 +26,7 @@ def train(
     save_dir: str = None,
     load_dir: str = None,
     master: bool = False,
+    sgd: bool = False,
     **extra,
 ) -> Dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param
@@ -35,7 +36,9 @@ def train(
     from rigl_ds.lm.models import lm_loss
 
     model = tiny_model("gpt2")
-    if pass_compact:
+    if sgd:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    elif pass_compact:
         optimizer = CompactAdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)

@@ -32,7 +32,9 @@ def test_unpack_refuses_a_size_that_does_not_match():
 def test_a_shard_holds_its_mask_as_bits_and_takes_new_masks_by_assignment():
     model = torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.ReLU(), torch.nn.Linear(40, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparse = rigl_ds.sparsify(model, opt, {"method": "rigl", "sparsity": 0.9, "delta_t": 5, "end_step": 50, "modules": ["0"]})
+    sparse = rigl_ds.sparsify(
+        model, opt, {"method": "rigl", "sparsity": 0.9, "delta_t": 5, "end_step": 50, "modules": ["0"]}
+    )
     (shard,) = sparse.shards
     assert shard.mask_bits.dtype == torch.uint8 and shard.mask_bits.numel() == 1200 // 8
     assert int(shard.active_count()) == int(shard.mask.sum()) == 120

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rigl_ds
-from rigl_ds.compact import CompactAdam, CompactAdamW
+from rigl_ds.compact import CompactAdam, CompactAdamW, CompactSGD
 
 
 def _pair(cls, seed=0, **kw):
@@ -35,11 +35,35 @@ def test_with_every_position_stateful_it_is_torch_adam_bit_for_bit(cls, kw):
         assert all(torch.equal(ob.state[y][k], oa.state[x][k]) for k in oa.state[x])
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"momentum": 0.5, "dampening": 0.2, "maximize": True},
+        {},
+    ],
+)
+def test_compact_sgd_with_every_position_stateful_is_torch_sgd_bit_for_bit(kw):
+    torch.manual_seed(0)
+    a = [torch.randn(37, 13, requires_grad=True), torch.randn(1001, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    oa, ob = torch.optim.SGD(a, lr=0.05, foreach=False, **kw), CompactSGD.from_torch(torch.optim.SGD(b, lr=0.05, **kw))
+    for _ in range(10):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(set(ob.state[y]) == set(oa.state[x]) for x, y in zip(a, b))
+
+
 def test_set_stateful_keeps_kept_positions_zeroes_new_ones_and_frees_dropped():
-    p = torch.zeros(10, requires_grad=True)
+    p = torch.zeros(1000, requires_grad=True)  # 3 of 1000 stateful: int32 positions beat a bitmap
     opt = CompactAdam([p], lr=0.1)
     opt.set_stateful(p, torch.tensor([1, 3, 5]))
-    p.grad = torch.arange(10.0)
+    p.grad = torch.arange(1000.0)
     opt.step()
     before = opt.state[p]["exp_avg"].clone()
     assert before.numel() == 3 and opt.state[p]["positions"].dtype == torch.int32
@@ -78,6 +102,59 @@ def test_the_stateful_set_is_a_bitmap_when_that_is_smaller_than_int32_positions_
             assert torch.equal(a.state[p]["exp_avg"], b.state[q]["exp_avg"])
         assert bool((p.detach()[~mask] == 0).all())
         assert a.state_bytes() - 8 * int(mask.sum()) <= min(4096 // 8, 4 * int(mask.sum())) + 4
+
+
+def _bf16_pair(mask, n=4096):
+    torch.manual_seed(0)
+    reference = torch.randn(n).bfloat16().float().masked_fill_(~mask, 0).requires_grad_()  # the fp32 master
+    low = reference.detach().bfloat16().requires_grad_()
+    ref_opt = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = CompactAdam.from_torch(
+        torch.optim.AdamW([low], lr=1e-2, weight_decay=0.1, foreach=False), master_weights=True
+    )
+    return reference, low, ref_opt, opt
+
+
+def _bf16_grads(step, mask):
+    return torch.randn(mask.numel(), generator=torch.Generator().manual_seed(step)).bfloat16().masked_fill_(~mask, 0)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.1, 0.02])  # dense layout, bitmap, positions
+def test_master_weights_step_in_fp32_and_round_into_the_low_precision_weight_as_zero_does(density):
+    mask = torch.rand(4096, generator=torch.Generator().manual_seed(1)) < density
+    reference, low, ref_opt, opt = _bf16_pair(mask)
+    opt.set_stateful(low, mask)
+    for step in range(20):
+        g = _bf16_grads(step, mask)
+        reference.grad, low.grad = g.float(), g.clone()
+        ref_opt.step()
+        opt.step()
+        assert torch.equal(reference.detach().bfloat16(), low.detach()), step  # ZeRO copies bf16(master)
+    state = opt.state[low]
+    assert state["master"].dtype == state["exp_avg"].dtype == torch.float32
+    assert torch.equal(state["master"].view(-1), reference.detach()[mask])
+    assert torch.equal(opt.master_range(low, 100, 900), torch.where(mask, reference.detach(), 0)[100:1000])
+    again = CompactAdam([low.detach().clone().requires_grad_()], lr=1e-2, master_weights=True)
+    again.load_state_dict(opt.state_dict())  # torch would cast the state to bf16
+    restored = next(iter(again.state.values()))
+    assert all(restored[k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(restored["master"], state["master"])
+
+
+def test_master_weights_of_grown_entries_start_from_the_weight_and_kept_ones_keep_their_master():
+    mask = torch.arange(64) % 4 == 0
+    reference, low, ref_opt, opt = _bf16_pair(mask, n=64)
+    opt.set_stateful(low, mask)
+    low.grad = _bf16_grads(0, mask)
+    opt.step()
+    kept_master = opt.state[low]["master"].clone()
+    grown = torch.arange(64) % 4 == 1
+    with torch.no_grad():
+        low[grown] = torch.linspace(-1, 1, 16).bfloat16()  # a grow init written into the bf16 weight
+    opt.set_stateful(low, mask | grown)
+    full = opt.master_range(low, 0, 64)
+    assert torch.equal(full[mask], kept_master)
+    assert torch.equal(full[grown], low.detach()[grown].float())
 
 
 class _MLP(nn.Module):
@@ -122,6 +199,23 @@ def _deep_clone(obj):
     if isinstance(obj, list):
         return [_deep_clone(v) for v in obj]
     return obj
+
+
+def test_under_masks_compact_sgd_momentum_gives_bit_identical_weights_to_torch_sgd():
+    def sgd(params, lr, weight_decay):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=False)
+
+    def compact(params, lr, weight_decay):
+        return CompactSGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+    dense_model, _, dense_sparse, _ = _plain_run(sgd, "rigl")
+    model, opt, sparse, _ = _plain_run(compact, "rigl")
+    assert [h.grown for h in sparse.controller.history] == [h.grown for h in dense_sparse.controller.history]
+    for (n, p), (_, q) in zip(model.named_parameters(), dense_model.named_parameters()):
+        assert torch.equal(p, q), n
+    for name, mask in sparse.masks.items():
+        p = dict(model.named_parameters())[name]
+        assert opt.state[p]["momentum_buffer"].numel() == int(mask.sum())
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "snfs"])
@@ -170,14 +264,23 @@ def test_the_flag_is_validated_and_other_optimizers_are_refused_before_deepspeed
     with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_optimizer_state"):
         rigl_ds.initialize(
             model=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            optimizer=torch.optim.RMSprop(model.parameters(), lr=0.1),
             config=ds_sim.ds_config(2, "fp32", block),
+        )
+    with pytest.raises(rigl_ds.RigLConfigError, match=r"compact_master_weights needs compact_optimizer_state: true"):
+        rigl_ds.load_config({"compact_master_weights": True})
+    with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_master_weights: needs bf16"):
+        rigl_ds.initialize(
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+            config=ds_sim.ds_config(2, "fp32", {**block, "compact_master_weights": True}),
         )
 
 
 # -- DeepSpeed on 2 gloo ranks ------------------------------------------------------------------------
 
 DS_CASES = [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")]
+MASTER_STAGES = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +292,18 @@ def ds_runs(tmp_path_factory):
     for stage, dtype in DS_CASES:
         runs += [dict(stage=stage, dtype=dtype, compact=False), dict(stage=stage, dtype=dtype, compact=True)]
     runs.append(dict(stage=1, dtype="fp32", compact=True, pass_compact=True))
+    runs += [dict(stage=2, dtype="bf16", compact=compact, sgd=True) for compact in (False, True)]
     for stage in (2, 3):
         runs.append(dict(stage=stage, dtype="fp32", compact=True, save_at=5, save_dir=f"{folder}/s{stage}"))
         runs.append(dict(stage=stage, dtype="fp32", compact=True, load_dir=f"{folder}/s{stage}"))
+    for stage in MASTER_STAGES:  # DeepSpeed scales bf16 gradients in bf16 when it clips: compare unclipped
+        runs += [
+            dict(stage=stage, dtype="bf16", compact=True, master=master, gradient_clipping=0.0) for master in (0, 1)
+        ]
+    runs.append(
+        dict(stage=3, dtype="bf16", compact=True, master=1, gradient_clipping=0.0, save_at=5, save_dir=f"{folder}/m3")
+    )
+    runs.append(dict(stage=3, dtype="bf16", compact=True, master=1, gradient_clipping=0.0, load_dir=f"{folder}/m3"))
     per_rank = run_gloo(2, "compact_sim:train_many", runs, timeout=900)
     return runs, per_rank
 
@@ -236,3 +348,47 @@ def test_zero_compact_checkpoint_round_trips_and_continues_identically(ds_runs, 
         assert b["pool_counts"] == b["targets"] and b["packed"]
         for name, w in a["weights"].items():
             assert torch.equal(b["weights"][name], w), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", MASTER_STAGES)
+def test_zero_compact_master_weights_give_the_fp32_master_runs_bf16_weights_masks_and_counts(ds_runs, stage):
+    runs, per_rank = ds_runs
+    i = runs.index(dict(stage=stage, dtype="bf16", compact=True, master=0, gradient_clipping=0.0))
+    for rank in per_rank:
+        fp32_master, compact = rank[i], rank[i + 1]
+        assert compact["bf16_flags"] and not fp32_master["bf16_flags"]  # DeepSpeed's own master is bf16
+        assert compact["masters"] > 0 and compact["packed"]
+        assert len(compact["history"]) == 6 and compact["history"] == fp32_master["history"]
+        assert compact["pool_counts"] == compact["targets"]
+        for name, m in fp32_master["masks"].items():
+            assert torch.equal(compact["masks"][name], m), name
+        for name, w in fp32_master["weights"].items():  # the bf16 weights ZeRO trains with
+            assert torch.equal(compact["weights"][name], w.bfloat16().float()), name
+        assert compact["losses"] == fp32_master["losses"]
+
+
+@pytest.mark.slow
+def test_zero3_compact_master_weights_checkpoint_round_trips_and_continues_identically(ds_runs):
+    runs, per_rank = ds_runs
+    straight = runs.index(dict(stage=3, dtype="bf16", compact=True, master=1, gradient_clipping=0.0))
+    resumed = [k for k, r in enumerate(runs) if r.get("load_dir", "").endswith("m3")][0]
+    for rank in per_rank:
+        a, b = rank[straight], rank[resumed]
+        assert len(b["losses"]) == 7 and b["losses"] == a["losses"][5:]
+        assert b["history"] == a["history"][3:] and b["masters"] == a["masters"]
+        for name, w in a["weights"].items():
+            assert torch.equal(b["weights"][name], w), name
+
+
+@pytest.mark.slow
+def test_zero_compact_sgd_momentum_gives_bit_identical_weights(ds_runs):
+    runs, per_rank = ds_runs
+    i = runs.index(dict(stage=2, dtype="bf16", compact=False, sgd=True))
+    for rank in per_rank:
+        dense, compact = rank[i], rank[i + 1]
+        assert dense["optimizer"] == "SGD" and compact["optimizer"] == "CompactSGD" and compact["packed"]
+        assert compact["history"] == dense["history"] and compact["losses"] == dense["losses"]
+        for name, w in dense["weights"].items():
+            assert torch.equal(compact["weights"][name], w), name
+        assert compact["state_bytes"] < 0.7 * dense["state_bytes"]

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..compact import LAYOUT_KEYS, CompactAdam
+from ..compact import LAYOUT_KEYS, CompactAdam, CompactOptimizer, CompactSGD
 from ..config import RigLConfig, RigLConfigError, load_config
 from ..controller import SparseController
 from ..layers import find_sparse_weights, global_shape
@@ -84,10 +84,10 @@ class SparseEngine:
         self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
         self.controller = SparseController(config, self.plan, self.shards, self.comm, total_steps)
         if config.compact_optimizer_state:
-            if not isinstance(engine.basic_optimizer, CompactAdam):
+            if not isinstance(engine.basic_optimizer, CompactOptimizer):
                 raise RigLConfigError(
                     "rigl.compact_optimizer_state: DeepSpeed's optimizer is "
-                    f"{type(engine.basic_optimizer).__name__}, not rigl_ds.compact.CompactAdam"
+                    f"{type(engine.basic_optimizer).__name__}, not a rigl_ds.compact optimizer"
                 )
             self.controller.mask_listeners.append(self._repack_optimizer_state)
             if config.compact_master_weights:
@@ -225,8 +225,8 @@ class SparseEngine:
 
 
 def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any], master_weights: bool):
-    """``deepspeed.initialize``'s arguments with the client optimizer as a ``CompactAdam``: a torch
-    Adam / AdamW is converted (same groups and hyper-parameters), a CompactAdam passes as it is.
+    """``deepspeed.initialize``'s arguments with the client optimizer as a compact one: a torch
+    Adam / AdamW / SGD is converted (same groups and hyper-parameters), a compact one passes as it is.
     ``master_weights``: the optimizer keeps fp32 masters of active entries, and DeepSpeed's master
     weights and gradients go to bf16 (ZeRO-3 then shares them with the bf16 partition)."""
     needed: Dict[str, Any] = {}
@@ -249,19 +249,20 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
             needed["bf16"] = {**bf16, **flags}
     if "optimizer" in config:
         raise RigLConfigError(
-            "rigl.compact_optimizer_state: needs a client optimizer (rigl_ds.compact.CompactAdam or a "
-            'torch.optim.Adam/AdamW), not a DeepSpeed "optimizer" block'
+            "rigl.compact_optimizer_state: needs a client optimizer (rigl_ds.compact.CompactAdam/CompactSGD "
+            'or a torch.optim.Adam/AdamW/SGD), not a DeepSpeed "optimizer" block'
         )
     positional = "optimizer" not in kwargs and len(args) > 2
     optimizer = args[2] if positional else kwargs.get("optimizer")
-    if not isinstance(optimizer, CompactAdam):
-        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+    if not isinstance(optimizer, CompactOptimizer):
+        convert = {torch.optim.Adam: CompactAdam, torch.optim.AdamW: CompactAdam, torch.optim.SGD: CompactSGD}
+        if type(optimizer) not in convert:
             raise RigLConfigError(
-                "rigl.compact_optimizer_state: the optimizer must be rigl_ds.compact.CompactAdam or a "
-                f"torch.optim.Adam/AdamW to convert, got {type(optimizer).__name__}"
+                "rigl.compact_optimizer_state: the optimizer must be rigl_ds.compact.CompactAdam/CompactSGD or "
+                f"a torch.optim.Adam/AdamW/SGD to convert, got {type(optimizer).__name__}"
             )
         try:
-            optimizer = CompactAdam.from_torch(optimizer)
+            optimizer = convert[type(optimizer)].from_torch(optimizer)
         except ValueError as exc:
             raise RigLConfigError(f"rigl.compact_optimizer_state: {exc}") from None
     optimizer.master_weights = master_weights
