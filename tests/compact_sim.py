@@ -37,6 +37,7 @@ def train(
 
     model = tiny_model("gpt2")
     if sgd:
+        extra.setdefault("zero_allow_untested_optimizer", True)  # ZeRO asks for it with torch's SGD too
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     elif pass_compact:
         optimizer = CompactAdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -80,6 +81,14 @@ def train(
         "packed": any(k in s for s in state for k in LAYOUT_KEYS),
         "masters": sum(s["master"].numel() for s in state if "master" in s),
         "bf16_flags": engine._config.bfloat16_config.bf16_master_weights_and_grads,
+        # ZeRO-3 keeps no master copy of its own: the partition it steps is the bf16 partition.
+        "master_is_partition": stage == 3
+        and all(
+            a.data_ptr() == b.data_ptr()
+            for a, b in zip(
+                engine.optimizer.fp16_partitioned_groups_flat, engine.optimizer.fp32_partitioned_groups_flat
+            )
+        ),
         "fp32_numel": sum(p.numel() for g in basic.param_groups for p in g["params"]) if stage != 3 else None,
     }
 

@@ -359,6 +359,7 @@ def test_zero_compact_master_weights_give_the_fp32_master_runs_bf16_weights_mask
         fp32_master, compact = rank[i], rank[i + 1]
         assert compact["bf16_flags"] and not fp32_master["bf16_flags"]  # DeepSpeed's own master is bf16
         assert compact["masters"] > 0 and compact["packed"]
+        assert compact["master_is_partition"] == (stage == 3) and not fp32_master["master_is_partition"]
         assert len(compact["history"]) == 6 and compact["history"] == fp32_master["history"]
         assert compact["pool_counts"] == compact["targets"]
         for name, m in fp32_master["masks"].items():

@@ -80,6 +80,8 @@ class SparseEngine:
         self.engine = engine
         self.config = config
         self._states_linked = False
+        if config.compact_master_weights:
+            _share_stage3_master(engine)
         weights, self.plan = _plan_for(engine.module, config)
         self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
         self.controller = SparseController(config, self.plan, self.shards, self.comm, total_steps)
@@ -281,6 +283,25 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
             )
         kwargs = {**kwargs, key: {**config, **needed}}
     return args, kwargs
+
+
+def _share_stage3_master(engine) -> None:
+    """ZeRO-3 with bf16 master weights means to step the bf16 partition itself (stage3.py keeps no
+    second copy when the dtypes and devices match), but DeepSpeed 0.19 compares a device string with a
+    torch.device there, so it always keeps a bf16 copy. With the fp32 masters in the optimizer that
+    copy is only 2 bytes per parameter of waste: step the partition itself, as DeepSpeed intends."""
+    opt = engine.optimizer
+    lps = getattr(opt, "fp16_partitioned_groups_flat", None)
+    hps = getattr(opt, "fp32_partitioned_groups_flat", None)
+    if lps is None or hps is None or getattr(opt, "offload_optimizer", False):
+        return
+    for i, (lp, hp) in enumerate(zip(lps, hps)):
+        if hp is lp or hp.dtype != lp.dtype or hp.shape != lp.shape or hp.device != lp.device:
+            continue
+        if hp.grad is not None or engine.basic_optimizer.state.get(hp):
+            continue  # already stepped: leave DeepSpeed's tensors as they are
+        lp.ds_id = hp.ds_id  # the optimizer swapper and step key sub-groups by it
+        hps[i] = lp
 
 
 def _plan_for(model: torch.nn.Module, config: RigLConfig):
