@@ -13,7 +13,7 @@ killed by the kernel. Without cgroup access the script says so and compares each
 (the sum of its processes' peak RSS) with the cap instead. Widths are searched by bisection per mode
 (memory grows with width), so a run is about 2 x log2(widths) jobs.
 
-    python bench/memory_cap.py                          # cap 3 GiB, 2 ranks, GPT-2 4 layers
+    python bench/memory_cap.py                          # cap 4 GiB, 2 ranks, GPT-2 4 layers
     python bench/memory_cap.py --cap-gib 6 --layers 6 --max-width 4096
 """
 
@@ -61,8 +61,9 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
     import torch.distributed as dist
 
     device = ranks.join(rank, world, store, args.backend)
-    import deepspeed
+    import torch._dynamo  # noqa: F401  (imported inside zero.Init, which patches Tensor.__new__, it fails)
     import transformers
+    from transformers import GPT2LMHeadModel  # resolve the lazy import outside zero.Init too
 
     import rigl_ds
 
@@ -75,8 +76,11 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
         n_positions=args.seq,
         vocab_size=args.vocab,
     )
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = transformers.GPT2LMHeadModel(cfg)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: tells transformers that ZeRO-3 is on)
+    # transformers then builds under deepspeed.zero.Init and initialises the partitioned weights itself.
+    model = GPT2LMHeadModel._from_config(cfg)
     n_params = sum(p.ds_numel for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
@@ -216,7 +220,7 @@ def probe(args: argparse.Namespace, mode: str, width: int, cap: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cap-gib", type=float, default=3.0, help="the memory cap for the whole job (all ranks)")
+    p.add_argument("--cap-gib", type=float, default=4.0, help="the memory cap for the whole job (all ranks)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)

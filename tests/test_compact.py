@@ -269,6 +269,13 @@ def test_the_flag_is_validated_and_other_optimizers_are_refused_before_deepspeed
         )
     with pytest.raises(rigl_ds.RigLConfigError, match=r"compact_master_weights needs compact_optimizer_state: true"):
         rigl_ds.load_config({"compact_master_weights": True})
+    offload = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_master_weights: not with .*offload_optimizer"):
+        rigl_ds.initialize(
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+            config=ds_sim.ds_config(2, "bf16", {**block, "compact_master_weights": True}, zero_optimization=offload),
+        )
     with pytest.raises(rigl_ds.RigLConfigError, match=r"rigl\.compact_master_weights: needs bf16"):
         rigl_ds.initialize(
             model=model,
@@ -293,6 +300,12 @@ def ds_runs(tmp_path_factory):
         runs += [dict(stage=stage, dtype=dtype, compact=False), dict(stage=stage, dtype=dtype, compact=True)]
     runs.append(dict(stage=1, dtype="fp32", compact=True, pass_compact=True))
     runs += [dict(stage=2, dtype="bf16", compact=compact, sgd=True) for compact in (False, True)]
+    for stage in (2, 3):  # ZeRO-Offload: the torch optimizer steps the partitions on the CPU
+        zero = {"stage": stage, "stage3_param_persistence_threshold": 0, "offload_optimizer": {"device": "cpu"}}
+        runs += [
+            dict(stage=stage, dtype="fp32", compact=c, zero_optimization=zero, zero_force_ds_cpu_optimizer=False)
+            for c in (False, True)
+        ]
     for stage in (2, 3):
         runs.append(dict(stage=stage, dtype="fp32", compact=True, save_at=5, save_dir=f"{folder}/s{stage}"))
         runs.append(dict(stage=stage, dtype="fp32", compact=True, load_dir=f"{folder}/s{stage}"))
@@ -393,3 +406,19 @@ def test_zero_compact_sgd_momentum_gives_bit_identical_weights(ds_runs):
         for name, w in dense["weights"].items():
             assert torch.equal(compact["weights"][name], w), name
         assert compact["state_bytes"] < 0.7 * dense["state_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_with_compact_state_gives_bit_identical_weights(ds_runs, stage):
+    runs, per_rank = ds_runs
+    i = next(
+        k for k, r in enumerate(runs) if r["stage"] == stage and "offload_optimizer" in r.get("zero_optimization", {})
+    )
+    for rank in per_rank:
+        dense, compact = rank[i], rank[i + 1]
+        assert compact["optimizer"] == "CompactAdam" and compact["packed"] and not dense["packed"]
+        assert compact["history"] == dense["history"] and compact["losses"] == dense["losses"]
+        for name, w in dense["weights"].items():
+            assert torch.equal(compact["weights"][name], w), name
+        assert compact["state_bytes"] < 0.5 * dense["state_bytes"]

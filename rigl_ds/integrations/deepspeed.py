@@ -241,6 +241,13 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
                 f'("bf16": {{"enabled": true}}, "zero_optimization": {{"stage": 1|2|3}}); got bf16 '
                 f"{bf16.get('enabled', False)}, stage {stage}"
             )
+        offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        if offload.get("device", "none") not in ("none", None):
+            raise RigLConfigError(
+                "rigl.compact_master_weights: not with zero_optimization.offload_optimizer (DeepSpeed then "
+                "requires its own DeepSpeedCPUAdam for bf16 master weights); compact_optimizer_state alone "
+                "works with offload"
+            )
         if config.get("gradient_accumulation_steps", 1) not in (1, "auto"):
             logger.warning(
                 "rigl.compact_master_weights: DeepSpeed accumulates gradients in bf16 in this mode, "
