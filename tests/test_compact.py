@@ -17,19 +17,23 @@ def _pair(cls, seed=0, **kw):
     return a, b, cls(a, lr=1e-2, **kw), CompactAdam.from_torch(cls(b, lr=1e-2, **kw))
 
 
-@pytest.mark.parametrize(
-    "cls,kw",
-    [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1})],
-)
-def test_with_every_position_stateful_it_is_torch_adam_bit_for_bit(cls, kw):
-    a, b, oa, ob = _pair(cls, **kw)
-    for _ in range(25):
+def _step_both_with_the_same_gradients(a, b, oa, ob, steps):
+    for _ in range(steps):
         for x, y in zip(a, b):
             g = torch.randn_like(x)
             x.grad, y.grad = g.clone(), g.clone()
         oa.step()
         ob.step()
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}), (torch.optim.AdamW, {"weight_decay": 0.1})],
+)
+def test_with_every_position_stateful_it_is_torch_adam_bit_for_bit(cls, kw):
+    a, b, oa, ob = _pair(cls, **kw)
+    _step_both_with_the_same_gradients(a, b, oa, ob, steps=25)
     for x, y in zip(a, b):  # the same state layout as torch's
         assert set(ob.state[y]) == set(oa.state[x])
         assert all(torch.equal(ob.state[y][k], oa.state[x][k]) for k in oa.state[x])
@@ -49,13 +53,7 @@ def test_compact_sgd_with_every_position_stateful_is_torch_sgd_bit_for_bit(kw):
     a = [torch.randn(37, 13, requires_grad=True), torch.randn(1001, requires_grad=True)]
     b = [t.detach().clone().requires_grad_() for t in a]
     oa, ob = torch.optim.SGD(a, lr=0.05, foreach=False, **kw), CompactSGD.from_torch(torch.optim.SGD(b, lr=0.05, **kw))
-    for _ in range(10):
-        for x, y in zip(a, b):
-            g = torch.randn_like(x)
-            x.grad, y.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    _step_both_with_the_same_gradients(a, b, oa, ob, steps=10)
     assert all(set(ob.state[y]) == set(oa.state[x]) for x, y in zip(a, b))
 
 
