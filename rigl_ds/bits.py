@@ -38,7 +38,8 @@ def unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """The 1-D bool tensor of ``numel`` entries that ``pack`` stored in ``bits``."""
     if bits.dtype != torch.uint8 or bits.numel() != packed_numel(numel):
         raise ValueError(f"{numel} entries need {packed_numel(numel)} uint8 bytes, got {bits.numel()} {bits.dtype}")
-    out = bits.unsqueeze(1).bitwise_and(_weights(bits.device)).ne(0).view(-1)
+    out = bits.unsqueeze(1).bitwise_and(_weights(bits.device))
+    out = out.ne_(0).view(torch.bool).view(-1)  # 0/1 bytes in place: one transient byte per entry, not two
     return out if out.numel() == numel else out[:numel]
 
 
