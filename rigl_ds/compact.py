@@ -309,9 +309,7 @@ class CompactAdam(CompactOptimizer):
                     "maximize": g.get("maximize", False),
                 }
             )
-        out = cls(groups)
-        out.master_weights = bool(master_weights)
-        return out
+        return cls(groups, master_weights=master_weights)
 
     def _update(self, param: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         if "step" not in state:
@@ -394,9 +392,7 @@ class CompactSGD(CompactOptimizer):
                 raise ValueError("CompactSGD reproduces the single-tensor path: foreach, fused, differentiable off")
             keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
             groups.append({"params": list(g["params"]), **{k: g[k] for k in keys}})
-        out = cls(groups)
-        out.master_weights = bool(master_weights)
-        return out
+        return cls(groups, master_weights=master_weights)
 
     def _update(self, param: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         # torch/optim/sgd.py _single_tensor_sgd, in its order.
@@ -453,5 +449,15 @@ class CompactAdamW(CompactAdam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         maximize: bool = False,
+        master_weights: bool = False,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, maximize=maximize)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            decoupled_weight_decay=True,
+            maximize=maximize,
+            master_weights=master_weights,
+        )

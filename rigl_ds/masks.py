@@ -189,12 +189,11 @@ def drop_and_grow(
     n_active = pool_counts(shards, comm, n_pools).cpu()
     k = torch.tensor([int(drop_fraction * n) for n in n_active.tolist()], dtype=torch.long)
     pools = [s.pool_ids() for s in shards]
-    keep = comm.select_topk(
-        [s.precise_weight().detach().abs() for s in shards], pools, n_active - k, [s.mask for s in shards], shards
-    )
+    masks = [s.mask for s in shards]  # unpacked once for the whole update
+    keep = comm.select_topk([s.precise_weight().detach().abs() for s in shards], pools, n_active - k, masks, shards)
     grow = comm.select_topk(grow_scores, pools, k, [~kp for kp in keep], shards)
     stats = UpdateStats(step=step, drop_fraction=drop_fraction, n_active=int(n_active.sum()))
-    chosen_to_drop = [s.mask & ~kp for s, kp in zip(shards, keep)]
+    chosen_to_drop = [m & ~kp for m, kp in zip(masks, keep)]
     commit_masks(shards, comm, [kp | g for kp, g in zip(keep, grow)], stats, grow_init, grow_key, chosen_to_drop)
     check_counts(shards, comm, n_pools, n_active, f"mask update at step {step}")
     return stats
