@@ -150,7 +150,7 @@ def train_one(run: dict, spec: dict, data: dict, common: dict, device: str) -> d
             "distribution": run["distribution"],
             "seed": run["seed"],
         }
-        if block["method"] != "static":
+        if rigl_ds.METHODS[block["method"]].updates_masks:
             block["delta_t"] = common["delta_t"]
         sparse = rigl_ds.sparsify(model, optimizer, block, total_steps=steps)
         probe = data["train"][: spec["batch"]]["input_ids"].to(device)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Mapping, Optional, Type, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHOD_NAMES = ("static", "set", "rigl", "snfs", "gmp")
+if TYPE_CHECKING:
+    from .methods import SparseMethod
+
 DISTRIBUTIONS = ("uniform", "er", "erk", "global")
 DROP_FRACTION_SCHEDULES = ("cosine", "constant", "linear")
 GROW_INITS = ("zeros", "random_normal")
@@ -21,6 +23,13 @@ GROW_INITS = ("zeros", "random_normal")
 
 class RigLConfigError(ValueError):
     """A ``"rigl"`` block that cannot be trained with; the message names every bad key."""
+
+
+def _registered_methods() -> Mapping[str, Type["SparseMethod"]]:
+    # Imported when needed, not at module level: the methods import this module.
+    from .methods import METHODS
+
+    return METHODS
 
 
 class MaskGroupSplit(BaseModel):
@@ -36,7 +45,7 @@ class RigLConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    method: Literal["static", "set", "rigl", "snfs", "gmp"] = "rigl"
+    method: str = "rigl"  # a name in rigl_ds.METHODS
     sparsity: float = 0.9
     distribution: Literal["uniform", "er", "erk", "global"] = "erk"
     erk_power_scale: float = Field(default=1.0, gt=0.0)
@@ -57,6 +66,14 @@ class RigLConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     compact_optimizer_state: bool = False
     compact_master_weights: bool = False
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _registered_method(cls, value: Any) -> Any:
+        methods = _registered_methods()
+        if not isinstance(value, str) or value not in methods:
+            raise ValueError(f"allowed values: {', '.join(methods)}")
+        return value
 
     @field_validator("sparsity", "initial_sparsity")
     @classmethod
@@ -82,35 +99,42 @@ class RigLConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RigLConfig":
+        method = self.method_class
         if self.end_step is not None and "end_fraction" in self.model_fields_set:
             raise ValueError("set either end_step or end_fraction, not both")
-        if self.end_step is not None and self.end_step <= self.begin_step and self.method != "static":
+        if self.end_step is not None and self.end_step <= self.begin_step and method.updates_masks:
             raise ValueError(f"end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})")
         both = set(self.dense_layers) & set(self.custom_sparsity)
         if both:
             raise ValueError(f"layers both in dense_layers and custom_sparsity: {sorted(both)}")
-        if self.method == "gmp" and self.initial_sparsity > self.sparsity:
-            raise ValueError(
-                f"initial_sparsity ({self.initial_sparsity}) must not exceed sparsity ({self.sparsity}) for method gmp"
-            )
+        method.check_config(self)
         if self.compact_master_weights and not self.compact_optimizer_state:
             raise ValueError("compact_master_weights needs compact_optimizer_state: true")
-        if self.method != "gmp" and "initial_sparsity" in self.model_fields_set:
-            raise ValueError("initial_sparsity is a setting of method 'gmp' only")
+        for key in RigLConfig.model_fields:
+            if key in self.model_fields_set and key not in method.own_keys:
+                owners = [repr(name) for name, cls in _registered_methods().items() if key in cls.own_keys]
+                if owners:
+                    raise ValueError(f"{key} is a setting of method {' or '.join(owners)} only")
         return self
 
     @property
+    def method_class(self) -> Type["SparseMethod"]:
+        """The registered class of ``method``."""
+        return _registered_methods()[self.method]
+
+    @property
     def skip_step_on_update(self) -> bool:
-        """The reference skips the optimizer step on RigL update steps only; SET/SNFS/GMP step first."""
+        """``skip_optimizer_step_on_update``, or the method's default when null (the reference skips the
+        optimizer step on RigL update steps only; SET/SNFS/GMP step first)."""
         if self.skip_optimizer_step_on_update is None:
-            return self.method == "rigl"
+            return self.method_class.skip_optimizer_step_on_update
         return self.skip_optimizer_step_on_update
 
     def resolve_end_step(self, total_steps: Optional[int]) -> Optional[int]:
         """The last step at which masks may change; needs ``total_steps`` when only end_fraction is set."""
         if self.end_step is not None:
             return self.end_step
-        if self.method == "static":
+        if not self.method_class.updates_masks:
             return None
         if total_steps is None:
             raise RigLConfigError(
@@ -142,13 +166,11 @@ def _format_errors(err: ValidationError) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error" and e["loc"][0] in (
-            "method",
             "distribution",
             "drop_fraction_schedule",
             "grow_init",
         ):
             allowed = {
-                "method": METHOD_NAMES,
                 "distribution": DISTRIBUTIONS,
                 "drop_fraction_schedule": DROP_FRACTION_SCHEDULES,
                 "grow_init": GROW_INITS,

@@ -30,17 +30,24 @@ class SparseController:
         shards: Sequence[Shard],
         comm: Collectives,
         total_steps: Optional[int] = None,
+        defer_total_steps: bool = False,
     ):
+        """``defer_total_steps``: when ``end_fraction`` needs ``total_steps`` and none is known yet,
+        wait for :meth:`set_total_steps` (an adapter that learns the count after the engine is built)
+        instead of failing here; the first optimizer step then fails if it never came."""
         self.config = config
         self.plan = plan
         self.shards = list(shards)
         self.comm = comm
-        self.end_step = config.resolve_end_step(total_steps)
+        self.end_step_pending = defer_total_steps and total_steps is None and _needs_total_steps(config)
+        self.end_step = None if self.end_step_pending else config.resolve_end_step(total_steps)
         self.method = METHODS[config.method](config, plan, self.end_step)
         self.step = 0
         self.last_update = config.begin_step - config.delta_t  # reference: first update at begin_step
         self.skipped_updates = 0
         self.updates = 0  # mask updates since step 0, across resumes (``history`` is this process's only)
+        self.n_active = int(plan.pool_sizes().sum())  # over all masked layers and ranks, across resumes
+        self.last_drop_fraction = 0.0
         self.history: List[UpdateStats] = []
         self._update_after_step = False
         self._is_update_step = False
@@ -48,12 +55,32 @@ class SparseController:
         # load), before the next optimizer step: compact optimizer state re-packs itself there.
         self.mask_listeners: List[Callable[[], None]] = []
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Sets the step count ``end_fraction`` is taken of, after construction (``defer_total_steps``,
+        or an adapter that learns a better count than the one found at start-up). Allowed until the
+        first optimizer step; after it, only a count that keeps the same end step."""
+        end = self.config.resolve_end_step(total_steps)
+        if not self.end_step_pending:
+            if end == self.end_step:
+                return
+            if self.step > 0:
+                raise RuntimeError(
+                    f"rigl_ds: {self.step} steps in, updates end at step {self.end_step}; "
+                    f"total_steps={total_steps} would move the end to step {end}"
+                )
+            logger.info(
+                "rigl_ds: total_steps=%d moves the last update from step %s to %s", total_steps, self.end_step, end
+            )
+        self.end_step = self.method.end_step = end
+        self.end_step_pending = False
+
     # -- masks -------------------------------------------------------------------------------
     def initialize_masks(self) -> None:
         """Exact per-pool counts at the method's starting sparsity; masked weights and state zeroed."""
         sparsity = self.method.initial_sparsity
         sizes = self.plan.pool_sizes()
         targets = self.plan.targets(sparsity) if sparsity > 0 else sizes
+        self.n_active = int(targets.sum())
         init_masks(
             self.shards,
             self.comm,
@@ -79,6 +106,14 @@ class SparseController:
         ``grads_already_masked``: the adapter zeroed masked gradients during backward under the
         current masks, so the pre-step pass is redundant unless an update changes the masks first.
         """
+        if self.end_step_pending:
+            from .config import RigLConfigError
+
+            raise RigLConfigError(
+                "rigl.end_step: not set, and rigl.end_fraction needs the number of training steps, which rigl_ds "
+                'could not find (no DeepSpeed "scheduler" block with total_num_steps, no Trainer max_steps, no '
+                'total_steps= from the script); set rigl.end_step in the "rigl" block'
+            )
         t = self.step
         method = self.method
         self._update_after_step = False
@@ -136,6 +171,7 @@ class SparseController:
         stats.collectives, stats.bytes_sent, stats.comm_seconds = spent.collectives, spent.bytes_sent, spent.seconds
         self.last_update = t
         self.updates += 1
+        self.n_active, self.last_drop_fraction = int(stats.n_active), float(stats.drop_fraction)
         self.history.append(stats)
         self._masks_changed()
         logger.info(
@@ -155,6 +191,17 @@ class SparseController:
         )
 
     # -- reporting and checkpoints ----------------------------------------------------------
+    def metrics(self) -> Dict[str, float]:
+        """The ``rigl/*`` figures every adapter logs, from counters a checkpoint restores (no
+        collective: ranks may log independently)."""
+        total = int(self.plan.pool_sizes().sum())
+        return {
+            "rigl/drop_fraction": self.last_drop_fraction,
+            "rigl/n_active": self.n_active,
+            "rigl/sparsity": 1.0 - self.n_active / total if total else 0.0,
+            "rigl/updates": self.updates,
+        }
+
     def layer_report(self) -> List[Dict[str, Any]]:
         """Per masked layer: entries, active entries and sparsity, reduced over all ranks."""
         local = (
@@ -173,6 +220,7 @@ class SparseController:
             "last_update": self.last_update,
             "skipped_updates": self.skipped_updates,
             "updates": self.updates,
+            "last_drop_fraction": self.last_drop_fraction,
             "config": self.config.model_dump(),
             "masks": {s.layer.name: s.mask for s in self.shards},  # bool on disk: readable without rigl_ds
             "pool_counts": self.active_counts(),
@@ -196,6 +244,16 @@ class SparseController:
         self.last_update = int(state["last_update"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.updates = int(state.get("updates", 0))
+        self.n_active = int(torch.as_tensor(state["pool_counts"]).sum())
+        self.last_drop_fraction = float(state.get("last_drop_fraction", 0.0))
         self.method.load_state_dict(state.get("method_state", {}), self.shards)
         apply_masks(self.shards, with_optimizer_state=True)
         self._masks_changed()
+
+
+def _needs_total_steps(config: RigLConfig) -> bool:
+    try:
+        config.resolve_end_step(None)
+    except ValueError:
+        return True
+    return False

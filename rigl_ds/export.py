@@ -19,38 +19,21 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import checkpoint
+
 
 def _tag(checkpoint_dir: str, tag: Optional[str]) -> str:
     if tag is not None:
         return tag
-    latest = os.path.join(checkpoint_dir, "latest")
-    if not os.path.isfile(latest):
+    latest = checkpoint.read_latest(checkpoint_dir)
+    if latest is None:
         raise FileNotFoundError(f"{checkpoint_dir} has no 'latest' file; pass --tag")
-    with open(latest) as f:
-        return f.read().strip()
+    return latest
 
 
 def whole_masks(folder: str) -> Dict[str, torch.Tensor]:
     """Every masked layer's whole mask, assembled from the saved ranks' ranges (one file at a time)."""
-    files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no rigl_ds rank files")
-    masks: Dict[str, torch.Tensor] = {}
-    covered: Dict[str, torch.Tensor] = {}
-    for f in files:
-        saved = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False)
-        for name, (start, numel) in saved["ranges"].items():
-            shape = tuple(saved["shapes"][name])
-            if name not in masks:
-                size = int(torch.Size(shape).numel())
-                masks[name] = torch.zeros(size, dtype=torch.bool)
-                covered[name] = torch.zeros(size, dtype=torch.bool)
-            masks[name][start : start + numel] = saved["masks"][name].reshape(-1)
-            covered[name][start : start + numel] = True
-    gaps = [n for n, c in covered.items() if not bool(c.all())]
-    if gaps:
-        raise ValueError(f"the saved ranks do not cover every entry of {gaps[:5]}: is a rank file missing?")
-    return {n: m.view(tuple(saved["shapes"][n])) for n, m in masks.items()}
+    return checkpoint.whole_masks(folder)
 
 
 def _weights(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
@@ -69,7 +52,11 @@ def export(checkpoint_dir: str, output_dir: str, tag: Optional[str] = None, conf
     from safetensors.torch import save_file
 
     tag = _tag(checkpoint_dir, tag)
-    masks = whole_masks(os.path.join(checkpoint_dir, tag, "rigl_ds"))
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    complete, reason = checkpoint.is_complete(tag_dir, checksums=False)  # whole_masks checks each file it reads
+    if not complete:
+        raise checkpoint.IncompleteCheckpointError(f"not exporting {tag_dir}: {reason}")
+    masks = whole_masks(checkpoint.rigl_folder(tag_dir))
     weights = _weights(checkpoint_dir, tag)
     layers, total, active = [], 0, 0
     for name, mask in masks.items():

@@ -5,6 +5,9 @@ matrices and the output head): 2 FLOPs per weight entry per use, a sparse layer 
 density. Attention score/value products, norms and activations are not counted (the paper's
 accounting is for weight layers too); they are the same for every method, so ratios to dense
 are, if anything, conservative for attention-heavy models.
+
+Each method's training formula lives on its class (``SparseMethod.training_flops_per_step``); the
+functions here take the method's registered name, or ``DENSE`` for the dense baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from .layers import RNN_WEIGHT_PREFIXES
+from .methods import DENSE, method_class
 
 
 def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
@@ -70,20 +74,16 @@ def forward_flops(
 
 def training_flops_per_step(method: str, f_sparse: float, f_dense: float, update_step: bool) -> float:
     """One training step: forward, backward to inputs and backward to weights (3 forwards' worth)."""
-    if method == "dense":
+    if method == DENSE:  # no "rigl" block: every step is 3 dense forwards' worth
         return 3.0 * f_dense
-    if method == "snfs":
-        return 2.0 * f_sparse + f_dense  # dense gradient every step for the moving average
-    if method == "rigl" and update_step:
-        return 2.0 * f_sparse + f_dense  # dense gradient on update steps only
-    return 3.0 * f_sparse  # static, set, rigl between updates, gmp at its current sparsity
+    return method_class(method).training_flops_per_step(f_sparse, f_dense, update_step)
 
 
 def expected_training_flops(method: str, f_sparse: float, f_dense: float, delta_t: int = 100) -> float:
     """The paper's per-example training cost (GMP: use ``TrainingFlops`` to average over its schedule)."""
-    if method == "rigl":
-        return (3.0 * f_sparse * delta_t + 2.0 * f_sparse + f_dense) / (delta_t + 1)
-    return training_flops_per_step(method, f_sparse, f_dense, False)
+    if method == DENSE:
+        return 3.0 * f_dense
+    return method_class(method).expected_training_flops(f_sparse, f_dense, delta_t)
 
 
 @dataclass

@@ -93,14 +93,21 @@ def find_sparse_weights(model: nn.Module, modules: Optional[Sequence[str]] = Non
         if not names:
             raise ValueError("rigl.modules: the model has no Linear, Conv1D, conv or RNN weights to sparsify")
         return {n: params[n] for n in names}
-    matched = resolve_patterns(modules, list(params), "modules")
+    names = weights_matching(modules, {n: global_shape(p) for n, p in params.items()})
+    return {n: params[n] for n in names}
+
+
+def weights_matching(modules: Sequence[str], shapes: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """The names of ``shapes`` (every parameter, in order) that the ``modules`` patterns choose;
+    also for a model no process holds whole (pipeline stages pool their parameters' shapes)."""
+    matched = resolve_patterns(modules, list(shapes), "modules")
     chosen: Set[str] = set()
     for pattern, hits in matched.items():
-        flat = [n for n in hits if len(global_shape(params[n])) < 2]
+        flat = [n for n in hits if len(shapes[n]) < 2]
         if flat:
             raise ValueError(
                 f"rigl.modules: pattern {pattern!r} matches {flat[:3]}, which are not weight matrices "
                 "(biases and norms stay dense)"
             )
         chosen.update(hits)
-    return {n: p for n, p in params.items() if n in chosen}
+    return [n for n in shapes if n in chosen]

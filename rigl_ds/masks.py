@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import keyed_random
+from . import faults, keyed_random
 from .shards import Collectives, Shard
 
 
@@ -169,6 +169,8 @@ def commit_masks(
         if chosen_to_drop is not None:
             counts[2] += (chosen_to_drop[i] & new).sum()
         s.mask = new
+        if i == 0:
+            faults.maybe_fail("mid-update", stats.step)  # one layer changed, the rest not yet
     counts = comm.all_reduce_sum(counts).tolist()
     stats.dropped, stats.grown, stats.regrown = counts
 

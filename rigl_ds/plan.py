@@ -9,7 +9,7 @@ is a pure function of the config and the weights' global shapes, so all processe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
@@ -101,6 +101,28 @@ class SparsityPlan:
                 n = math.prod(self.unit_shapes[unit])
                 out[pool] = n - zeros_for(sparsities[unit], n)
         return out
+
+    def subset(self, names: Sequence[str]) -> "SparsityPlan":
+        """The plan of only the layers ``names`` (one pipeline stage's), each keeping the target it
+        has in this whole plan: the budget stays split over every unit here, dense ones included.
+        Layers keep their ``index`` (the stable key of their random streams); pools are renumbered.
+        A pool shared with a layer left out (``global``) would need a top-k across the parts: refused."""
+        keep = set(names)
+        layers = [layer for layer in self.layers if layer.name in keep]
+        pools = sorted({p for layer in layers for p in layer.pools})
+        left_out = {p for layer in self.layers if layer.name not in keep for p in layer.pools}
+        if left_out & set(pools):
+            raise ValueError(
+                f"rigl.distribution: {self.config.distribution!r} shares one top-k between layers that "
+                "live on different pipeline stages; use 'erk', 'er' or 'uniform' with pipeline parallelism"
+            )
+        renumber = {p: i for i, p in enumerate(pools)}
+        layers = [replace(layer, pools=tuple(renumber[p] for p in layer.pools)) for layer in layers]
+        whole = self.targets(self.config.sparsity)
+        plan = SparsityPlan(self.config, layers, len(pools), self.unit_shapes, self.dense_units, self.custom_units)
+        if not torch.equal(plan.targets(self.config.sparsity), whole[pools]):
+            raise RuntimeError("rigl_ds: a plan's subset changed its layers' targets")  # per-unit pools only
+        return plan
 
     def pool_sizes(self) -> torch.Tensor:
         out = torch.zeros(self.n_pools, dtype=torch.long)

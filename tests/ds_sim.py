@@ -119,6 +119,8 @@ def train(
     )
     sparse = engine.rigl
     names = [sh.layer.name for sh in sparse.shards]
+    managed = extra.get("managed_gradient_accumulation", True)
+    accumulate = extra.get("gradient_accumulation_steps", 1)
     start = 0
     masks_at_load = None
     if load_dir is not None:
@@ -130,7 +132,8 @@ def train(
         x = batch(family, step)
         loss = lm_loss(engine, x)
         engine.backward(loss)
-        engine.step()
+        if managed or (step + 1) % accumulate == 0:  # unmanaged: the script's step() is the boundary
+            engine.step()
         losses.append(float(loss.detach()))
         masks = full_masks(sparse)
         masks_per_step.append(masks)

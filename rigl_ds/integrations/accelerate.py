@@ -4,7 +4,7 @@ DeepSpeed engine train sparse.
 The user's loop does not change. ``accelerator.backward(loss)`` runs DeepSpeed's
 ``engine.backward`` and, on gradient-accumulation boundaries only, ``engine.step()`` (accelerate's
 ``DeepSpeedEngineWrapper``); ``optimizer.step()`` and ``optimizer.zero_grad()`` are no-ops under
-DeepSpeed. rigl_ds wraps ``engine.step``, so masks are applied and updated once per optimizer step,
+DeepSpeed. rigl_ds hooks the engine's optimizer step, so masks are applied and updated once per optimizer step,
 however many micro-batches are accumulated (use ``with accelerator.accumulate(model):`` as usual).
 
 On CPU-only ranks, make ``accelerate.PartialState(cpu=True)`` before the ``Accelerator``: it finds
@@ -47,6 +47,9 @@ def attach(engine: Any, config: ConfigLike, total_steps: Optional[int]) -> Spars
     DeepSpeed config holding one) against the engine's model; idempotent per engine."""
     existing = getattr(engine, "rigl", None)
     if existing is not None:
+        # Attached when deepspeed.initialize ran (the autohook); it may still wait for its step count.
+        if total_steps is not None:
+            existing.controller.set_total_steps(total_steps)
         return existing
     if getattr(engine, "optimizer", None) is None:
         raise RuntimeError("rigl_ds: the DeepSpeed engine has no optimizer (prepared for inference only)")

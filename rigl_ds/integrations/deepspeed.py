@@ -1,15 +1,17 @@
 """``rigl_ds.initialize``: ``deepspeed.initialize`` plus the ``"rigl"`` block of the same config.
 
-The user's loop does not change (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
-On each optimizer step (the gradient-accumulation boundary) the engine's ``step`` first runs the
-sparse controller on the reduced gradients (masking them, so clipping sees the sparse model's
-norm, and updating masks on update steps), then DeepSpeed's own step, whose torch optimizer is
-wrapped to skip the step where the config says so and to zero masked fp32 entries right after it,
-before DeepSpeed copies them into the low-precision weights.
+The user's loop does not change (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``, or
+a pipeline's ``engine.train_batch()``). On each optimizer step the engine's ``_take_model_step`` (the
+one point every mode passes once per optimizer step: managed or unmanaged gradient accumulation,
+pipeline parallelism) first runs the sparse controller on the reduced gradients (masking them, so
+clipping sees the sparse model's norm, and updating masks on update steps), then DeepSpeed's own
+step, whose torch optimizer is wrapped to skip the step where the config says so and to zero masked
+fp32 entries right after it, before DeepSpeed copies them into the low-precision weights.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .. import checkpoint, faults
 from ..compact import LAYOUT_KEYS, CompactAdam, CompactOptimizer, CompactSGD
 from ..config import RigLConfig, RigLConfigError, load_config
 from ..controller import SparseController
@@ -42,13 +45,16 @@ def _ds_config_dict(config: Any, args: Any) -> Optional[Dict[str, Any]]:
     raise RigLConfigError(f"DeepSpeed config must be a dict or a JSON path, got {type(config).__name__}")
 
 
-def initialize(*args: Any, total_steps: Optional[int] = None, **kwargs: Any):
+def initialize(*args: Any, total_steps: Optional[int] = None, defer_total_steps: bool = False, **kwargs: Any):
     """Same arguments and return values as ``deepspeed.initialize``. With a ``"rigl"`` block in
     the config, the returned engine trains sparse; without one it is DeepSpeed's engine untouched.
 
     ``total_steps`` (optimizer steps) is needed only when the block ends updates by
-    ``end_fraction`` rather than ``end_step``."""
-    import deepspeed
+    ``end_fraction`` rather than ``end_step``; without it, a DeepSpeed ``"scheduler"`` block's
+    ``total_num_steps`` (or the passed scheduler's) is used. ``defer_total_steps``: if neither is
+    known, wait for ``engine.rigl.controller.set_total_steps`` instead of failing here (the first
+    optimizer step fails if it never comes)."""
+    from .autopatch import original_initialize, total_steps_from
 
     model = kwargs.get("model", args[1] if len(args) > 1 else None)
     config = _ds_config_dict(
@@ -60,23 +66,36 @@ def initialize(*args: Any, total_steps: Optional[int] = None, **kwargs: Any):
         rigl_config = load_config(block)
         if model is None:
             raise ValueError("rigl_ds.initialize needs the model (model=...)")
+        _refuse_unsupported(config, model, kwargs.get("mpu", args[7] if len(args) > 7 else None))
         _plan_for(model, rigl_config)
+        if total_steps is None:
+            total_steps = total_steps_from(config, kwargs.get("lr_scheduler", args[5] if len(args) > 5 else None))
+        if not defer_total_steps:
+            rigl_config.resolve_end_step(total_steps)  # fail before DeepSpeed builds anything
         if rigl_config.compact_optimizer_state:
             args, kwargs = _with_compact_optimizer(args, kwargs, config, rigl_config.compact_master_weights)
-    out = deepspeed.initialize(*args, **kwargs)
+    out = original_initialize()(*args, **kwargs)
     if block is None:
         return out
     engine = out[0]
-    SparseEngine(engine, rigl_config, total_steps)
+    if getattr(engine, "optimizer", None) is None:
+        # An engine built for evaluation or inference only (no optimizer) takes no step: nothing to sparsify.
+        logger.info("rigl_ds: the engine has no optimizer (inference only); the rigl block does not apply to it")
+        return out
+    SparseEngine(engine, rigl_config, total_steps, defer_total_steps=defer_total_steps)
     return out
 
 
 class SparseEngine:
     """Masks, schedule and updates attached to one DeepSpeed engine (``engine.rigl``)."""
 
-    def __init__(self, engine, config: RigLConfig, total_steps: Optional[int] = None):
+    def __init__(
+        self, engine, config: RigLConfig, total_steps: Optional[int] = None, defer_total_steps: bool = False
+    ):
         from ..zero import zero_shards
 
+        # Engines built elsewhere (HF Trainer, accelerate) reach here without rigl_ds.initialize's check.
+        _refuse_unsupported(_engine_config(engine), engine.module, getattr(engine, "mpu", None))
         self.engine = engine
         self.config = config
         self._states_linked = False
@@ -84,7 +103,9 @@ class SparseEngine:
             _share_stage3_master(engine)
         weights, self.plan = _plan_for(engine.module, config)
         self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
-        self.controller = SparseController(config, self.plan, self.shards, self.comm, total_steps)
+        self.controller = SparseController(
+            config, self.plan, self.shards, self.comm, total_steps, defer_total_steps=defer_total_steps
+        )
         if config.compact_optimizer_state:
             if not isinstance(engine.basic_optimizer, CompactOptimizer):
                 raise RigLConfigError(
@@ -100,10 +121,13 @@ class SparseEngine:
         self.controller.initialize_masks()
         self._refresh_low_precision()
         self._skip_optimizer = False
-        self._engine_step = engine.step
+        # Not engine.step: PipelineEngine.train_batch calls _take_model_step itself, and without
+        # managed gradient accumulation step() is a boundary only while it runs. _take_model_step
+        # runs once per optimizer step in every mode, after the gradients are reduced.
+        self._engine_take_model_step = engine._take_model_step
         self._basic = engine.basic_optimizer
         self._basic_step = self._basic.step
-        engine.step = self.step
+        engine._take_model_step = self._take_model_step
         self._basic.step = self._wrapped_basic_step
         self._save, self._load = engine.save_checkpoint, engine.load_checkpoint
         engine.save_checkpoint = self.save_checkpoint
@@ -111,14 +135,15 @@ class SparseEngine:
         engine.rigl = self
 
     # -- the step ------------------------------------------------------------------------------
-    def step(self, *args: Any, **kwargs: Any):
-        engine = self.engine
-        if not engine.is_gradient_accumulation_boundary():
-            return self._engine_step(*args, **kwargs)
+    def _take_model_step(self, *args: Any, **kwargs: Any):
+        """DeepSpeed's optimizer step (clipping, optimizer, LR scheduler, step counters) with the
+        controller around it: masks gradients and updates masks before, re-masks after."""
+        updates_at_start = self.controller.updates
         run = self.controller.before_step()
         self._skip_optimizer = not run
+        faults.maybe_fail("mid-step", self.controller.step)
         try:
-            out = self._engine_step(*args, **kwargs)
+            out = self._engine_take_model_step(*args, **kwargs)
         finally:
             self._skip_optimizer = False
         self._link_optimizer_state()
@@ -126,7 +151,18 @@ class SparseEngine:
         self.controller.after_step(run)
         if len(self.controller.history) != updates_before:
             self._refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
+        if self.controller.updates != updates_at_start:
+            self._write_monitor()
         return out
+
+    def _write_monitor(self) -> None:
+        """``rigl/*`` figures of each mask update through DeepSpeed's own monitors (TensorBoard, CSV,
+        W&B, as its config enables them), so a script that logs nothing itself still shows them."""
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not getattr(monitor, "enabled", False):
+            return
+        step = self.controller.last_update  # the step the update ran at
+        monitor.write_events([(name, value, step) for name, value in self.controller.metrics().items()])
 
     def _wrapped_basic_step(self, *args: Any, **kwargs: Any):
         if self._skip_optimizer:
@@ -190,40 +226,62 @@ class SparseEngine:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, *args: Any, **kwargs: Any):
+        """DeepSpeed's save, then every rank's rigl_ds state, its completeness record and only then
+        ``latest`` (``rigl_ds.checkpoint.save``): a save cut short never becomes the latest."""
+        self._refuse_pipeline_checkpoint()
         if tag is None:
             tag = f"global_step{self.engine.global_steps}"  # DeepSpeed's own default
-        out = self._save(save_dir, tag, *args, **kwargs)
-        path = os.path.join(save_dir, str(tag), "rigl_ds")
-        os.makedirs(path, exist_ok=True)
-        state = self.controller.state_dict()
-        state["ranges"] = {s.layer.name: (s.offset, s.numel) for s in self.shards}
-        state["shapes"] = {s.layer.name: tuple(s.layer.shape) for s in self.shards}
-        state["world_size"] = self.comm.world_size
-        torch.save(state, os.path.join(path, f"rank{self.comm.rank:05d}.pt"))
-        _barrier()
-        return out
+        signature = inspect.signature(self._save)
+        engine = getattr(self.engine, "checkpoint_engine", None)
+        decoupled = bool(getattr(engine, "is_decoupled", lambda: False)())
+        if "save_latest" in signature.parameters and not decoupled:
+            bound = signature.bind(save_dir, tag, *args, **kwargs)
+            bound.apply_defaults()
+            ours, bound.arguments["save_latest"] = bool(bound.arguments["save_latest"]), False
+            save_deepspeed = lambda: self._save(*bound.args, **bound.kwargs)  # noqa: E731
+        else:
+            # DeepSpeed commits its files (and writes ``latest``) later, or cannot be told not to.
+            logger.warning("rigl_ds: DeepSpeed writes 'latest' itself here; it may precede the rigl_ds state")
+            ours = False
+            save_deepspeed = lambda: self._save(save_dir, tag, *args, **kwargs)  # noqa: E731
+        writes = self.comm.world_size > 1 or checkpoint.global_rank() == 0  # ZeRO-0 replicas: one writer
+        return checkpoint.save(
+            save_dir,
+            str(tag),
+            self.controller.state_dict(),
+            ranges={s.layer.name: (s.offset, s.numel) for s in self.shards},
+            shapes={s.layer.name: tuple(s.layer.shape) for s in self.shards},
+            rank=self.comm.rank,
+            world_size=self.comm.world_size,
+            writes=writes,
+            save_latest=ours,
+            save_deepspeed=save_deepspeed,
+            record_deepspeed_files=not decoupled,
+        )
 
     def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
+        self._refuse_pipeline_checkpoint()
         load_path, client_state = self._load(load_dir, tag, *args, **kwargs)
         if load_path is None:
             return load_path, client_state
-        tag_dir = os.path.dirname(load_path)
-        folder = os.path.join(tag_dir, "rigl_ds")
-        if not os.path.isdir(folder) and tag_dir.endswith("_universal"):
-            # ds_to_universal writes a new folder beside the original and does not copy ours.
-            folder = os.path.join(tag_dir.removesuffix("_universal"), "rigl_ds")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{tag_dir} has no rigl_ds state: not saved by a rigl_ds engine")
-        own = os.path.join(folder, f"rank{self.comm.rank:05d}.pt")
         self._states_linked = False  # loading replaced the optimizer's state tensors: link the new ones
         self._link_optimizer_state()
-        template = own if os.path.isfile(own) else os.path.join(folder, sorted(os.listdir(folder))[0])
-        state = torch.load(template, map_location="cpu", weights_only=False)
-        if state.get("ranges") != {s.layer.name: (s.offset, s.numel) for s in self.shards}:
-            state = _reslice(folder, self.shards, state)  # another world size or layout: cut our ranges
+        ranges = {s.layer.name: (s.offset, s.numel) for s in self.shards}
+        state = checkpoint.load_rank_state(os.path.dirname(load_path), self.comm.rank, ranges)
         self.controller.load_state_dict(state)
         self._refresh_low_precision()
         return load_path, client_state
+
+    def _refuse_pipeline_checkpoint(self) -> None:
+        """The rank files are keyed by data-parallel rank, which every pipeline stage repeats: refuse
+        rather than let stages overwrite each other's masks."""
+        from .pipeline import pipeline_grid
+
+        if pipeline_grid(self.engine.module) is not None:
+            raise NotImplementedError(
+                "rigl_ds: checkpoints of pipeline-parallel engines are not supported yet (the rigl_ds rank "
+                "files would collide across stages)"
+            )
 
 
 def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any], master_weights: bool):
@@ -312,44 +370,91 @@ def _share_stage3_master(engine) -> None:
 
 
 def _plan_for(model: torch.nn.Module, config: RigLConfig):
+    """The weights this process masks and their plan; on a pipeline stage, its part of the whole
+    model's plan (a collective over the pipe group: every stage calls it together)."""
+    from .pipeline import pipeline_grid, stage_plan
+
     try:
+        grid = pipeline_grid(model)
+        if grid is not None:
+            return stage_plan(model, config, grid)
         weights = find_sparse_weights(model, config.modules)
         return weights, build_plan(config, {n: global_shape(p) for n, p in weights.items()})
     except ValueError as exc:
         raise RigLConfigError(str(exc)) from None
 
 
-def _reslice(folder: str, shards: List[Shard], template: Dict[str, Any]) -> Dict[str, Any]:
-    """Masks and per-entry method state for this rank's ranges, cut from every saved rank's
-    ranges (a checkpoint from another world size or layout). One saved file in memory at a time."""
-    masks = {s.layer.name: torch.zeros(s.numel, dtype=torch.bool) for s in shards}
-    method: Dict[str, torch.Tensor] = {}
-    files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-    for f in files:
-        saved = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=False)
-        for s in shards:
-            start, numel = saved["ranges"][s.layer.name]
-            lo, hi = max(start, s.offset), min(start + numel, s.offset + s.numel)
-            if lo >= hi:
-                continue
-            masks[s.layer.name][lo - s.offset : hi - s.offset] = saved["masks"][s.layer.name][lo - start : hi - start]
-            for key, value in saved["method_state"].items():
-                if key.endswith("." + s.layer.name) and value.numel() == numel:
-                    dest = method.setdefault(key, torch.zeros(s.numel, dtype=value.dtype))
-                    dest[lo - s.offset : hi - s.offset] = value[lo - start : hi - start]
-    state = dict(template)
-    state["masks"] = masks
-    state["method_state"] = method
-    return state
+# DeepSpeed's expert-parallel layers, by class path (no import needed to recognise them).
+_MOE_CLASSES = ("deepspeed.moe.layer.MoE", "deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer")
+
+
+def _refuse_unsupported(config: Optional[Dict[str, Any]], model: Optional[torch.nn.Module], mpu: Any) -> None:
+    """Raises ``RigLConfigError`` naming the setting for the parallelisms rigl_ds does not handle:
+    tensor parallelism (a weight cut across ranks that the data-parallel masks do not see), expert
+    parallelism (expert weights reduced over other groups than the masks' collectives) and NVMe
+    offload (the fp32 masters and optimizer state the masks are views of are swapped out to disk)."""
+    config = config or {}
+    autotp = (config.get("tensor_parallel") or {}).get("autotp_size") or 0
+    if isinstance(autotp, int) and autotp > 1:
+        raise RigLConfigError(
+            f"tensor_parallel.autotp_size: {autotp} (tensor parallelism) is not supported by rigl_ds; "
+            "allowed: 0 or 1 (no tensor parallelism)"
+        )
+    tensor_parallel = _tensor_parallel_size(mpu)
+    if tensor_parallel > 1:
+        raise RigLConfigError(
+            f"mpu: model-parallel world size {tensor_parallel} (tensor parallelism) is not supported by rigl_ds; "
+            "pass no mpu, or one whose model-parallel world size is 1"
+        )
+    if (config.get("expert_parallel") or {}).get("enabled"):
+        raise RigLConfigError(
+            "expert_parallel.enabled: true (DeepSpeed AutoEP expert parallelism) is not supported by rigl_ds"
+        )
+    zero = config.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device")
+        if str(getattr(device, "value", device)).lower() == "nvme":
+            raise RigLConfigError(
+                f"zero_optimization.{key}.device: 'nvme' is not supported by rigl_ds (the masks are views of "
+                "the fp32 masters and optimizer state it swaps to disk); allowed: 'none' or 'cpu'"
+            )
+    if model is None:
+        return
+    for name, module in model.named_modules():
+        paths = (f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__)
+        path = next((p for p in paths if p in _MOE_CLASSES), None)
+        if path is not None:
+            raise RigLConfigError(
+                f"model: {name!r} is a DeepSpeed MoE layer ({path}); expert parallelism is not supported by rigl_ds"
+            )
+    for name, p in model.named_parameters():
+        if getattr(p, "allreduce", True) is False or hasattr(p, "group_name"):
+            raise RigLConfigError(
+                f"model: parameter {name!r} is an expert-parallel parameter (allreduce=False, group_name="
+                f"{getattr(p, 'group_name', None)!r}); expert parallelism is not supported by rigl_ds"
+            )
+
+
+def _tensor_parallel_size(mpu: Any) -> int:
+    """Ranks a weight is cut across by ``mpu``. A pipeline's grid counts its stages as "model
+    parallel" too, so its tensor-slicing size is asked for first."""
+    if mpu is None:
+        return 1
+    getters = ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size", "get_model_parallel_world_size")
+    for getter in getters:
+        if callable(getattr(mpu, getter, None)):
+            return int(getattr(mpu, getter)())
+    return 1
+
+
+def _engine_config(engine: Any) -> Dict[str, Any]:
+    """The config dict an already-built engine was made from (DeepSpeed parsed it into ``_config``)."""
+    parsed = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    if isinstance(parsed, dict):
+        return parsed
+    return _ds_config_dict(getattr(engine, "config", None), None) or {}
 
 
 def _storage_id(shard: Shard) -> Optional[int]:
     storage = getattr(shard, "storage", None)
     return None if storage is None else id(storage)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

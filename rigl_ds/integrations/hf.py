@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 
 from ..config import RigLConfig, load_config
 from .accelerate import _rigl_block, attach
+from .autopatch import adapter_building
 from .deepspeed import SparseEngine, _plan_for
 
 
@@ -56,7 +57,10 @@ class RigLCallback(TrainerCallback):
             return
 
         def prepare_then_sparsify(*args: Any, **kwargs: Any):
-            out = prepare(*args, **kwargs)
+            # deepspeed.initialize, run inside prepare, attaches rigl_ds already when the autohook is on
+            # (with the Trainer's step count); _attach below then finds it attached.
+            with adapter_building(self.trainer.state.max_steps or None):
+                out = prepare(*args, **kwargs)
             self._attach(out if isinstance(out, tuple) else (out,))
             return out
 
@@ -86,6 +90,9 @@ class RigLCallback(TrainerCallback):
                     "trainer.train(resume_from_checkpoint=...)"
                 )
             self._attach((engine,))
+        elif engine.rigl.controller.end_step_pending and state.max_steps:
+            # Attached by the autohook inside a prepare this callback did not wrap: give it the step count.
+            engine.rigl.controller.set_total_steps(state.max_steps)
         self._hook_prepare(self.trainer.accelerator)  # for later train() calls on a new accelerator
         self.sparse = engine.rigl
         step = self.sparse.controller.step
@@ -105,28 +112,17 @@ class RigLCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
 
     def metrics(self) -> Dict[str, float]:
-        """Latest update's figures, from this rank's records alone (no collective: ranks log
-        independently). Before the first update, the initial masks' counts."""
-        controller = self.sparse.controller
-        total = int(controller.plan.pool_sizes().sum())
-        if controller.history:
-            last = controller.history[-1]
-            n_active, drop_fraction = last.n_active, last.drop_fraction
-        else:
-            sparsity = controller.method.initial_sparsity
-            n_active = int(controller.plan.targets(sparsity).sum()) if sparsity > 0 else total
-            drop_fraction = 0.0
-        return {
-            "rigl/drop_fraction": float(drop_fraction),
-            "rigl/n_active": int(n_active),
-            "rigl/sparsity": 1.0 - n_active / total if total else 0.0,
-            "rigl/updates": len(controller.history),
-        }
+        """The controller's resume-safe ``rigl/*`` counters (no collective: ranks log independently)."""
+        return self.sparse.controller.metrics()
 
 
 def sparsify_trainer(trainer: Any) -> RigLCallback:
     """Adds a ``RigLCallback`` to ``trainer`` (first in line, so reporting callbacks see its log
-    entries) and returns it; call before ``trainer.train()``."""
+    entries) and returns it; call before ``trainer.train()``. Idempotent: a Trainer that already has
+    one (the autohook adds it to Trainers whose DeepSpeed config has a ``"rigl"`` block) keeps it."""
+    for existing in trainer.callback_handler.callbacks:
+        if isinstance(existing, RigLCallback):
+            return existing
     callback = RigLCallback(trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

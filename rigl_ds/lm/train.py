@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -29,10 +29,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from ..flops import TrainingFlops, flops_report, weight_uses  # noqa: E402
+from .. import checkpoint  # noqa: E402
+from ..flops import DENSE, TrainingFlops, flops_report, weight_uses  # noqa: E402
 from .data import lm_blocks, load_text, train_tokenizer  # noqa: E402
 from .job import JobConfig, load_job  # noqa: E402
 from .models import build_model, lm_loss  # noqa: E402
+
+logger = logging.getLogger("rigl_ds")
+CHECKPOINT_TAG = r"step\d+"  # the tags train() saves under
 
 METRICS = (
     "step",
@@ -179,7 +183,7 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     val_blocks = _rank0_first(lambda: lm_blocks(text["validation"], tokenizer, job.seq_len + 1))
 
     model = build_model(job.family, len(tokenizer), **job.model)
-    method = rigl.method if rigl else "dense"
+    method = rigl.method if rigl else DENSE
     flops = _Flops(model, train_blocks[:1]["input_ids"], method, rigl.delta_t if rigl else 1)
     total_params = sum(p.numel() for p in model.parameters())
     masked_numel = 0
@@ -198,9 +202,7 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     ckpt_dir = out_dir / "checkpoints"
     start_step, start_tokens = 0, 0
     if resume:
-        if not (ckpt_dir / "latest").is_file():
-            raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint ('latest' is missing)")
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=_resume_tag(ckpt_dir, sparse is not None))
         start_step, start_tokens = int(client["step"]), int(client["tokens"])
         flops.spent = TrainingFlops(**client["training_flops"])
     layers = sparse.layer_report() if sparse else None
@@ -214,6 +216,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     writer = None
     if rank == 0:
         fresh = not (resume and metrics_path.is_file())
+        if not fresh:
+            _drop_rows_after(metrics_path, start_step)
         handle = open(metrics_path, "w" if fresh else "a", newline="")
         writer = csv.DictWriter(handle, fieldnames=METRICS)
         if fresh:
@@ -287,7 +291,7 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
             client = {"step": done, "tokens": tokens, "training_flops": vars(flops.spent)}
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state=client)
             if rank == 0:
-                _prune_checkpoints(ckpt_dir, job.keep_checkpoints)
+                _prune_checkpoints(ckpt_dir, job.keep_checkpoints, sparse is not None)
     bar.close()
     summary = {
         "family": job.family,
@@ -327,10 +331,60 @@ def _monitor(engine, row: Dict[str, Any], step: int) -> None:
     monitor.write_events(events)
 
 
-def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted(
-        (p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)),
-        key=lambda p: int(p.name[4:]),
-    )
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Before a resume appends to ``metrics.csv``: drops the rows a killed run logged after the
+    checkpoint it resumes from (and a row cut short by the kill), so each step is logged once, by the
+    run whose state continues. Rewritten atomically: a second kill leaves the old file or the new."""
+    with open(metrics_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if None not in r.values() and r["step"] and int(r["step"]) <= step]
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, metrics_path)
+
+
+def _resume_tag(ckpt_dir: Path, sparse: bool) -> Optional[str]:
+    """The checkpoint to resume from: the newest complete one (rank 0 looks, every rank loads what
+    it found), saying which newer ones it skipped and why. Dense runs save no rigl_ds state, hence no
+    completeness record: they resume from DeepSpeed's ``latest``."""
+    if not sparse:
+        if not (ckpt_dir / "latest").is_file():
+            raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint ('latest' is missing)")
+        return None
+    found: List[Any] = [None, []]
+    if dist.get_rank() == 0:
+        found = list(checkpoint.newest_complete(str(ckpt_dir), pattern=CHECKPOINT_TAG))
+    dist.broadcast_object_list(found, src=0)
+    tag, skipped = found
+    if dist.get_rank() == 0:
+        for old, reason in skipped:
+            logger.warning("--resume: skipping incomplete checkpoint %s: %s", old, reason)
+    if tag is None:
+        raise FileNotFoundError(f"--resume: {ckpt_dir} holds no complete checkpoint ({len(skipped)} incomplete)")
+    if dist.get_rank() == 0:
+        print(f"resuming from {ckpt_dir / tag}", flush=True)
+    return tag
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int, sparse: bool = True) -> None:
+    """Keeps the newest ``keep`` complete checkpoints. A checkpoint is deleted only once ``keep``
+    newer complete ones exist, so the last complete one always outlives a newer incomplete one;
+    incomplete ones older than the newest complete one are deleted, newer ones left to inspect.
+    Dense runs have no completeness record: every tag counts as complete there."""
+    tags = checkpoint.checkpoint_tags(str(ckpt_dir), CHECKPOINT_TAG)  # newest first
+    if sparse:
+        complete = [t for t in tags if checkpoint.is_complete(str(ckpt_dir / t), checksums=False)[0]]
+    else:
+        complete = tags
+    if not complete:
+        return
+    newest = tags.index(complete[0])
+    for i, old in enumerate(tags):
+        if old in complete[:keep]:
+            continue
+        if i < newest:
+            logger.warning("keeping incomplete checkpoint %s (newer than the newest complete, %s)", old, complete[0])
+            continue
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)

@@ -1,20 +1,28 @@
-"""Method registry: the config's ``method`` string to its class. A new method is one file and one line."""
+"""Sparse-training methods and their registry: the config's ``method`` string to its class.
 
-from typing import Dict, Type
+A new method is one file: a :class:`SparseMethod` subclass decorated with ``@register("name")``,
+in this package (plus its import below) or in the user's own code, imported before the config is
+loaded. ``METHODS`` is the live registry.
+"""
 
 from .base import DropGrowMethod, SparseMethod
-from .gmp import GMPMethod
-from .rigl import RigLMethod
-from .set_method import SETMethod
-from .snfs import SNFSMethod
-from .static import StaticMethod
+from .registry import DENSE, METHODS, method_class, register
 
-METHODS: Dict[str, Type[SparseMethod]] = {
-    cls.name: cls for cls in (StaticMethod, SETMethod, RigLMethod, SNFSMethod, GMPMethod)
-}
+# isort: off
+# Import order is registration order, which error messages list: the paper's order.
+from .static import StaticMethod
+from .set_method import SETMethod
+from .rigl import RigLMethod
+from .snfs import SNFSMethod
+from .gmp import GMPMethod
+
+# isort: on
 
 __all__ = [
     "METHODS",
+    "DENSE",
+    "register",
+    "method_class",
     "SparseMethod",
     "DropGrowMethod",
     "StaticMethod",

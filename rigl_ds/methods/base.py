@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Optional, Sequence
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,8 +14,13 @@ from ..shards import Collectives, Shard
 
 
 class SparseMethod:
-    """A sparse-training method: when masks change and how. Subclasses say only what differs."""
+    """A sparse-training method: when masks change and how. Subclasses say only what differs.
 
+    The class also carries what config validation and FLOPs accounting need to know about the
+    method, so a new method is one file registered with ``@rigl_ds.methods.register("name")``.
+    """
+
+    #: The ``"rigl".method`` string, set by ``register``.
     name: ClassVar[str] = ""
     #: Masks ever change after initialisation.
     updates_masks: ClassVar[bool] = True
@@ -25,6 +30,31 @@ class SparseMethod:
     uses_gradients: ClassVar[bool] = False
     #: Reads the dense gradients on every step (SNFS's moving average), not only at updates.
     tracks_gradients: ClassVar[bool] = False
+    #: What ``skip_optimizer_step_on_update: null`` (the default) means for this method.
+    skip_optimizer_step_on_update: ClassVar[bool] = False
+    #: Keys of the ``"rigl"`` block only this method reads; setting one with another method is an error.
+    own_keys: ClassVar[Tuple[str, ...]] = ()
+
+    @classmethod
+    def check_config(cls, config: RigLConfig) -> None:
+        """Raises ValueError for settings this method cannot train with; runs once, at start-up."""
+
+    @classmethod
+    def training_flops_per_step(cls, f_sparse: float, f_dense: float, update_step: bool) -> float:
+        """One step's FLOPs per example: forward, backward to inputs and backward to weights (3 forwards'
+        worth), the backward to weights dense on every step whose dense gradient the method reads."""
+        if cls.tracks_gradients or (cls.uses_gradients and update_step):
+            return 2.0 * f_sparse + f_dense
+        return 3.0 * f_sparse
+
+    @classmethod
+    def expected_training_flops(cls, f_sparse: float, f_dense: float, delta_t: int) -> float:
+        """Per-example FLOPs averaged over one update period: ``delta_t`` ordinary steps and one update."""
+        steady = cls.training_flops_per_step(f_sparse, f_dense, False)
+        update = cls.training_flops_per_step(f_sparse, f_dense, True)
+        if update == steady:
+            return steady
+        return (steady * delta_t + update) / (delta_t + 1)
 
     def __init__(self, config: RigLConfig, plan: SparsityPlan, end_step: Optional[int]):
         self.config = config

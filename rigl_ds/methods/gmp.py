@@ -4,13 +4,24 @@ magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))**3, distributed over l
 from typing import Sequence
 
 from .. import schedules
+from ..config import RigLConfig
 from ..masks import UpdateStats, prune_to
 from ..shards import Collectives, Shard
 from .base import SparseMethod
+from .registry import register
 
 
+@register("gmp")
 class GMPMethod(SparseMethod):
-    name = "gmp"
+    own_keys = ("initial_sparsity",)
+
+    @classmethod
+    def check_config(cls, config: RigLConfig) -> None:
+        if config.initial_sparsity > config.sparsity:
+            raise ValueError(
+                f"initial_sparsity ({config.initial_sparsity}) must not exceed sparsity ({config.sparsity}) "
+                f"for method {cls.name}"
+            )
 
     @property
     def initial_sparsity(self) -> float:

@@ -8,10 +8,11 @@ import torch
 from .. import keyed_random
 from ..shards import Shard
 from .base import DropGrowMethod
+from .registry import register
 
 
+@register("set")
 class SETMethod(DropGrowMethod):
-    name = "set"
 
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
         seed = self.config.seed

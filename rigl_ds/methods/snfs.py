@@ -7,10 +7,11 @@ import torch
 
 from ..shards import Shard
 from .base import DropGrowMethod, dense_gradients
+from .registry import register
 
 
+@register("snfs")
 class SNFSMethod(DropGrowMethod):
-    name = "snfs"
     uses_gradients = True
     tracks_gradients = True
 

@@ -12,6 +12,7 @@ payload grows with the number of entries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -74,65 +75,189 @@ def radix_select_topk(
     below 2**31, halves the histogram payload (int32 counts). Raises on every process alike when a
     score is NaN or a pool has fewer eligible entries than its k.
     """
-    n_layers = len(scores)
     k = torch.as_tensor(k, dtype=torch.long).reshape(-1).cpu()
-    n_pools = k.numel()
+    _check_layer_args(scores, pools, k, eligible, offsets)
+    shifts = digit_shifts(digits)
+    layers = _local_layers(scores, pools, k.numel(), eligible, layer_pools, max_pool_size)
+    search = _Search.start(k)
+
+    # Pass 1: every entry's leading digit, all pools in one all_reduce.
+    hist = comm.all_reduce_sum(_leading_digit_histogram(layers, shifts[0])).cpu().long()
+    counts = _checked_pool_counts(hist, len(layers.keys), k, comm.world_size)
+    ids = search.open_ids()
+    search.choose_digit(counts[ids], ids, shifts[0], first=True)
+    cands = _narrow_candidates(layers, _whole_layers(layers, search), search, shifts[0])
+
+    # Passes 2..: the next digit of the candidates, only for the pools still open.
+    for prev_shift, shift in zip(shifts, shifts[1:]):
+        ids = search.open_ids()
+        if ids.numel() == 0:
+            break
+        width = 1 << (prev_shift - shift)
+        hist = comm.all_reduce_sum(_next_digit_histogram(layers, cands, ids, shift, width))
+        search.choose_digit(hist.cpu().long().view(ids.numel(), width), ids, shift, first=False)
+        cands = _narrow_candidates(layers, cands, search, shift)
+
+    # Everything above each pool's threshold, then its ties in (layer, global flat index) order.
+    out = _mark_above_threshold(layers, search.lo)
+    _take_ties(comm, out, cands, layers, offsets, search.need)
+    return [o.view(s.shape) for o, s in zip(out, scores)]
+
+
+@dataclass
+class _Layers:
+    """This process's range of every layer, in the form every pass reads."""
+
+    keys: List[torch.Tensor]  # order keys, ineligible entries set to _INELIGIBLE
+    pools: List[PoolIds]  # the local entries' pools: one int, or one long per entry
+    distinct: List[List[int]]  # every pool of the whole layer: the same on every process
+    eligible: Optional[List[torch.Tensor]]  # flat
+    n_pools: int
+    has_nan: bool
+    device: torch.device
+    count_dtype: torch.dtype
+
+
+@dataclass
+class _Search:
+    """Per pool, what the digits chosen so far settle: every entry with key >= lo is in; of the
+    entries with key == lo - 1 (ties at the threshold) the first ``need`` in position order are in
+    too. A pool stays open while its k-th largest key shares its prefix with more entries than it
+    still needs."""
+
+    lo: torch.Tensor
+    need: torch.Tensor
+    prefix: torch.Tensor  # the digits chosen so far, as a signed number
+    remaining: torch.Tensor  # the rank of the k-th largest key among the entries sharing prefix
+    is_open: torch.Tensor
+
+    @classmethod
+    def start(cls, k: torch.Tensor) -> "_Search":
+        n_pools = k.numel()
+        return cls(
+            lo=torch.full((n_pools,), _INT32_MAX + 1, dtype=torch.long),  # k = 0: nothing
+            need=torch.zeros(n_pools, dtype=torch.long),
+            prefix=torch.zeros(n_pools, dtype=torch.long),
+            remaining=k.clone(),
+            is_open=k > 0,
+        )
+
+    def open_ids(self) -> torch.Tensor:
+        return self.is_open.nonzero().flatten()
+
+    def alive(self) -> torch.Tensor:
+        """Pools whose candidates are still needed: open ones, and closed ones with ties to split."""
+        return self.is_open | (self.need > 0)
+
+    def choose_digit(self, rows: torch.Tensor, ids: torch.Tensor, shift: int, first: bool) -> None:
+        """Given the reduced histogram ``rows`` of the pools ``ids`` (one row each, buckets in
+        ascending key order), appends to each prefix the bucket that holds its remaining-th largest
+        key, and closes the pools that bucket settles."""
+        if ids.numel() == 0:
+            return
+        r = self.remaining[ids]
+        width = rows.shape[1]
+        desc = rows.flip(1).cumsum(1)
+        pos = (desc < r.unsqueeze(1)).sum(1)
+        b = width - 1 - pos
+        in_bucket = rows.gather(1, b.unsqueeze(1)).squeeze(1)
+        r = r - (desc.gather(1, pos.unsqueeze(1)).squeeze(1) - in_bucket)
+        # The leading digit carries the sign: its buckets start at the most negative key.
+        new_prefix = b - width // 2 if first else self.prefix[ids] * width + b
+        self.prefix[ids], self.remaining[ids] = new_prefix, r
+        whole = in_bucket == r  # the bucket is taken entirely: no finer digit needed
+        self.lo[ids] = torch.where(whole, new_prefix << shift, new_prefix + 1)
+        self.need[ids] = torch.where(whole, torch.zeros_like(r), r)
+        self.is_open[ids] = ~whole & (shift > 0)
+
+
+@dataclass
+class _Candidates:
+    """One layer's local entries whose key still shares an alive pool's prefix."""
+
+    idx: Optional[torch.Tensor]  # local flat index; None: every entry, in order
+    key: torch.Tensor
+    pool: Optional[torch.Tensor]  # per entry; None where the layer's local pool is one int
+
+
+def _check_layer_args(
+    scores: Sequence[torch.Tensor],
+    pools: Sequence[PoolIds],
+    k: torch.Tensor,
+    eligible: Optional[Sequence[torch.Tensor]],
+    offsets: Sequence[int],
+) -> None:
     if (k < 0).any():
         raise ValueError(f"k must be non-negative, got {k.tolist()}")
-    if not (len(pools) == len(offsets) == n_layers) or (eligible is not None and len(eligible) != n_layers):
+    if not (len(pools) == len(offsets) == len(scores)) or (eligible is not None and len(eligible) != len(scores)):
         raise ValueError("scores, pools, eligible and offsets must have one entry per layer")
-    device = scores[0].device if n_layers else torch.device("cpu")
-    shifts = digit_shifts(digits)
-    count_dtype = torch.int32 if max_pool_size is not None and max_pool_size <= _INT32_MAX else torch.long
-    distinct = [_layer_pools(pools[i], None if layer_pools is None else layer_pools[i], i) for i in range(n_layers)]
-    local_pools = [p if isinstance(p, int) else p.reshape(-1).long() for p in pools]
 
-    # Keys of this process's entries, ineligible ones set below every real key.
+
+def _local_layers(
+    scores: Sequence[torch.Tensor],
+    pools: Sequence[PoolIds],
+    n_pools: int,
+    eligible: Optional[Sequence[torch.Tensor]],
+    layer_pools: Optional[Sequence[Sequence[int]]],
+    max_pool_size: Optional[int],
+) -> _Layers:
+    """Keys and pools of this process's entries; raises before any collective on bad input."""
+    device = scores[0].device if len(scores) else torch.device("cpu")
+    count_dtype = torch.int32 if max_pool_size is not None and max_pool_size <= _INT32_MAX else torch.long
+    distinct = [_layer_pools(pools[i], None if layer_pools is None else layer_pools[i], i) for i in range(len(scores))]
+    local_pools = [p if isinstance(p, int) else p.reshape(-1).long() for p in pools]
+    flat_eligible = None if eligible is None else [e.reshape(-1) for e in eligible]
     keys: List[torch.Tensor] = []
     has_nan = False
     for i, s in enumerate(scores):
         key = order_keys(s)
         if key.numel():
             has_nan = has_nan or bool(torch.isnan(s).any())
-            if eligible is not None:
-                key.masked_fill_(~eligible[i].reshape(-1), _INELIGIBLE)
+            if flat_eligible is not None:
+                key.masked_fill_(~flat_eligible[i], _INELIGIBLE)
         keys.append(key)
+    return _Layers(keys, local_pools, distinct, flat_eligible, n_pools, has_nan, device, count_dtype)
 
-    # Pass 1: the most significant digit of every entry; the last two slots carry the NaN flag and
-    # the layer count, so every process raises together instead of leaving the others waiting.
-    top_shift = shifts[0]
-    buckets = 1 << (32 - top_shift)
+
+def _leading_digit_histogram(layers: _Layers, shift: int) -> torch.Tensor:
+    """(pools x buckets) counts of the eligible entries' leading digit, then two slots that carry
+    the NaN flag and the layer count, so that every process raises together instead of leaving
+    the others waiting in a collective."""
+    buckets = 1 << (32 - shift)
     half = buckets // 2
-    hist = torch.zeros(n_pools * buckets + 2, dtype=count_dtype, device=device)
-    for i, key in enumerate(keys):
+    n_slots = layers.n_pools * buckets
+    hist = torch.zeros(n_slots + 2, dtype=layers.count_dtype, device=layers.device)
+    for i, (key, p) in enumerate(zip(layers.keys, layers.pools)):
         if not key.numel():
             continue
-        digit = key >> top_shift
+        digit = key >> shift
         digit += half
-        p = local_pools[i]
         if isinstance(p, int):
             hist[p * buckets : (p + 1) * buckets] += torch.bincount(digit, minlength=buckets)
         else:
-            hist[: n_pools * buckets] += torch.bincount(p * buckets + digit, minlength=n_pools * buckets)
-        if eligible is not None:  # ineligible entries sit in bucket 0 of their pool: take them out
-            out = ~eligible[i].reshape(-1)
+            hist[:n_slots] += torch.bincount(p * buckets + digit, minlength=n_slots)
+        if layers.eligible is not None:  # ineligible entries sit in bucket 0 of their pool: take them out
+            out = ~layers.eligible[i]
             if isinstance(p, int):
                 hist[p * buckets] -= out.sum()
             else:
-                hist[: n_pools * buckets : buckets] -= torch.bincount(p[out], minlength=n_pools)
-    # Ineligible keys can still become candidates of a pool whose threshold is down among -inf;
-    # they are harmless there: their key is below every real one, so no walk ever stops on it.
-    hist[-2] = int(has_nan)
-    hist[-1] = n_layers
-    hist = comm.all_reduce_sum(hist).cpu().long()
+                hist[:n_slots:buckets] -= torch.bincount(p[out], minlength=layers.n_pools)
+    hist[-2] = int(layers.has_nan)
+    hist[-1] = len(layers.keys)
+    return hist
+
+
+def _checked_pool_counts(hist: torch.Tensor, n_layers: int, k: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The reduced leading histogram as (pools x buckets), once every process has checked the same
+    sums: no NaN anywhere, every process passed every layer, every pool can fill its k."""
     if int(hist[-2]):
         raise ValueError("selection scores contain NaN; refusing to choose a mask from them")
-    if int(hist[-1]) != n_layers * comm.world_size:
+    if int(hist[-1]) != n_layers * world_size:
         raise RuntimeError(
             f"processes passed different numbers of layers to the selection (this one {n_layers}); "
             "every process must pass every masked layer, with empty ranges for those it holds none of"
         )
-    counts = hist[:-2].view(n_pools, buckets)
+    counts = hist[:-2].view(k.numel(), -1)
     n_eligible = counts.sum(1)
     short = (n_eligible < k).nonzero().flatten().tolist()
     if short:
@@ -140,116 +265,84 @@ def radix_select_topk(
         raise ValueError(
             f"pools {bad} have fewer eligible entries ({n_eligible[bad].tolist()}) than k ({k[bad].tolist()})"
         )
+    return counts
 
-    # Per pool: every entry with key >= lo is in; of the entries with key == lo - 1 (ties at the
-    # threshold) the first `need` in position order are in too. A pool stays open while its
-    # k-th largest key shares its prefix with more entries than it still needs.
-    lo = torch.full((n_pools,), _INT32_MAX + 1, dtype=torch.long)  # k = 0: nothing
-    need = torch.zeros(n_pools, dtype=torch.long)
-    prefix = torch.zeros(n_pools, dtype=torch.long)
-    remaining = k.clone()
-    open_ = k > 0
 
-    def walk(rows: torch.Tensor, ids: torch.Tensor, shift: int, first: bool) -> None:
-        """Chooses each open pool's next digit: the bucket that holds its remaining-th largest key."""
-        r = remaining[ids]
-        width = rows.shape[1]
-        desc = rows.flip(1).cumsum(1)
-        pos = (desc < r.unsqueeze(1)).sum(1)
-        b = width - 1 - pos
-        in_bucket = rows.gather(1, b.unsqueeze(1)).squeeze(1)
-        r = r - (desc.gather(1, pos.unsqueeze(1)).squeeze(1) - in_bucket)
-        new_prefix = b - width // 2 if first else prefix[ids] * width + b
-        prefix[ids], remaining[ids] = new_prefix, r
-        whole = in_bucket == r  # the bucket is taken entirely: no finer digit needed
-        lo[ids] = torch.where(whole, new_prefix << shift, new_prefix + 1)
-        need[ids] = torch.where(whole, torch.zeros_like(r), r)
-        open_[ids] = ~whole & (shift > 0)
+def _whole_layers(layers: _Layers, search: _Search) -> List[Optional[_Candidates]]:
+    """Every local entry of the layers that have an alive pool: what the leading digit narrows."""
+    alive = search.alive()
+    return [
+        _Candidates(None, key, None if isinstance(p, int) else p)
+        if key.numel() and any(bool(alive[q]) for q in distinct)
+        else None
+        for key, p, distinct in zip(layers.keys, layers.pools, layers.distinct)
+    ]
 
-    ids = open_.nonzero().flatten()
-    if ids.numel():
-        walk(counts[ids], ids, top_shift, first=True)
 
-    # Candidates: entries whose key shares an open pool's prefix (local index and key).
-    cand_idx: List[Optional[torch.Tensor]] = [None] * n_layers
-    cand_key: List[Optional[torch.Tensor]] = [None] * n_layers
-    cand_pool: List[Optional[torch.Tensor]] = [None] * n_layers
-
-    def narrow(
-        i: int,
-        source_key: torch.Tensor,
-        source_idx: Optional[torch.Tensor],
-        shift: int,
-        pool_of: PoolIds,
-        alive: torch.Tensor,
-        prefix_dev: torch.Tensor,
-    ) -> None:
-        if isinstance(pool_of, int):
-            if not bool(alive[pool_of]):
-                cand_idx[i] = cand_key[i] = cand_pool[i] = None
-                return
-            hit = (source_key >> shift) == int(prefix[pool_of])
-        else:
-            hit = ((source_key >> shift).long() == prefix_dev[pool_of]) & alive.to(device)[pool_of]
-        local = hit.nonzero().flatten()
-        cand_idx[i] = local if source_idx is None else source_idx.index_select(0, local)
-        cand_key[i] = source_key.index_select(0, local)
-        cand_pool[i] = None if isinstance(pool_of, int) else pool_of.index_select(0, local)
-
-    if bool(open_.any()):
-        prefix_dev = prefix.to(device)
-        for i, key in enumerate(keys):
-            if key.numel() and any(bool(open_[q]) for q in distinct[i]):
-                narrow(i, key, None, top_shift, local_pools[i], open_, prefix_dev)
-
-    # Passes 2..: one digit at a time over the candidates of the open pools.
-    for level in range(1, len(shifts)):
-        ids = open_.nonzero().flatten()
-        if ids.numel() == 0:
-            break
-        shift, width = shifts[level], 1 << (shifts[level - 1] - shifts[level])
-        row_of = torch.full((n_pools,), -1, dtype=torch.long)
-        row_of[ids] = torch.arange(ids.numel())
-        row_of_dev = row_of.to(device)
-        hist = torch.zeros(ids.numel() * width, dtype=count_dtype, device=device)
-        for i in range(n_layers):
-            if cand_key[i] is None or not cand_key[i].numel():
+def _narrow_candidates(
+    layers: _Layers, cands: List[Optional[_Candidates]], search: _Search, shift: int
+) -> List[Optional[_Candidates]]:
+    """Keeps the candidates whose key >> shift equals their alive pool's prefix. Ineligible keys can
+    stay as candidates of a pool whose threshold is down among -inf; they are harmless there: their
+    key is below every real one, so no digit walk ever stops on it."""
+    alive = search.alive()
+    alive_dev, prefix_dev = alive.to(layers.device), search.prefix.to(layers.device)
+    narrowed: List[Optional[_Candidates]] = []
+    for c, layer_pool in zip(cands, layers.pools):
+        if c is None or not c.key.numel():
+            narrowed.append(c)
+            continue
+        if c.pool is None:
+            if not bool(alive[layer_pool]):
+                narrowed.append(None)
                 continue
-            digit = (cand_key[i] >> shift) & (width - 1)
-            if cand_pool[i] is None:
-                row = int(row_of[local_pools[i]])
-                hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width)
-            else:
-                hist += torch.bincount(row_of_dev[cand_pool[i]] * width + digit, minlength=hist.numel())
-        hist = comm.all_reduce_sum(hist).cpu().long().view(ids.numel(), width)
-        walk(hist, ids, shift, first=False)
-        alive = open_ | (need > 0)  # candidates stay while open, or as the ties a pool must split
-        prefix_dev = prefix.to(device)
-        for i in range(n_layers):
-            if cand_key[i] is not None and cand_key[i].numel():
-                pool_of = local_pools[i] if cand_pool[i] is None else cand_pool[i]
-                narrow(i, cand_key[i], cand_idx[i], shift, pool_of, alive, prefix_dev)
+            hit = (c.key >> shift) == int(search.prefix[layer_pool])
+        else:
+            hit = ((c.key >> shift).long() == prefix_dev[c.pool]) & alive_dev[c.pool]
+        local = hit.nonzero().flatten()
+        idx = local if c.idx is None else c.idx.index_select(0, local)
+        pool = None if c.pool is None else c.pool.index_select(0, local)
+        narrowed.append(_Candidates(idx, c.key.index_select(0, local), pool))
+    return narrowed
 
-    # Every entry at or above its pool's lower bound.
+
+def _next_digit_histogram(
+    layers: _Layers, cands: List[Optional[_Candidates]], ids: torch.Tensor, shift: int, width: int
+) -> torch.Tensor:
+    """(open pools x width) counts of the candidates' digit below ``shift``'s prefix, rows in
+    ``ids`` order: the payload is per open pool, never per entry."""
+    row_of = torch.full((layers.n_pools,), -1, dtype=torch.long)
+    row_of[ids] = torch.arange(ids.numel())
+    row_of_dev = row_of.to(layers.device)
+    hist = torch.zeros(ids.numel() * width, dtype=layers.count_dtype, device=layers.device)
+    for c, layer_pool in zip(cands, layers.pools):
+        if c is None or not c.key.numel():
+            continue
+        digit = (c.key >> shift) & (width - 1)
+        if c.pool is None:
+            row = int(row_of[layer_pool])
+            hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width)
+        else:
+            hist += torch.bincount(row_of_dev[c.pool] * width + digit, minlength=hist.numel())
+    return hist
+
+
+def _mark_above_threshold(layers: _Layers, lo: torch.Tensor) -> List[torch.Tensor]:
+    """Every local entry at or above its pool's lower bound; ineligible entries stay out even where
+    a bound reaches down to their key."""
     out: List[torch.Tensor] = []
-    for i, key in enumerate(keys):
-        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=device)
+    for i, (key, p, distinct) in enumerate(zip(layers.keys, layers.pools, layers.distinct)):
+        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=layers.device)
         if key.numel():
-            p = local_pools[i]
-            for q in distinct[i]:
+            for q in distinct:
                 if int(lo[q]) > _INT32_MAX:
                     continue
                 above = key >= int(lo[q])
                 chosen |= above if isinstance(p, int) else above & (p == q)
-            if eligible is not None and int(lo[distinct[i]].min()) <= _INELIGIBLE:
-                chosen &= eligible[i].reshape(-1)
+            if layers.eligible is not None and int(lo[distinct].min()) <= _INELIGIBLE:
+                chosen &= layers.eligible[i]
         out.append(chosen)
-
-    # Ties at the threshold: `need` of them per pool, in (layer order, global flat index) order.
-    tie_pools = (need > 0).nonzero().flatten().tolist()
-    if tie_pools:
-        _take_ties(comm, out, cand_idx, cand_pool, distinct, offsets, tie_pools, need, device)
-    return [o.view(s.shape) for o, s in zip(out, scores)]
+    return out
 
 
 def _layer_pools(pools: PoolIds, layer_pools: Optional[Sequence[int]], i: int) -> List[int]:
@@ -261,24 +354,35 @@ def _layer_pools(pools: PoolIds, layer_pools: Optional[Sequence[int]], i: int) -
     raise ValueError(f"layer {i} has per-entry pool ids: pass layer_pools so every process knows the layer's pools")
 
 
-def _take_ties(comm, out, cand_idx, cand_pool, distinct, offsets, tie_pools, need, device) -> None:
-    """Every process learns every shard's tie count and offset (one all_gather of a row as long as
-    the number of (layer, pool) pairs with ties, not of entries), so each can tell how many ties
-    come before its own in position order and take what is left of its pool's quota."""
-    wanted = set(tie_pools)
-    slots = [(i, q) for i in range(len(distinct)) for q in distinct[i] if q in wanted]
+def _take_ties(
+    comm: Collectives,
+    out: List[torch.Tensor],
+    cands: List[Optional[_Candidates]],
+    layers: _Layers,
+    offsets: Sequence[int],
+    need: torch.Tensor,
+) -> None:
+    """Marks in ``out`` the ``need[q]`` ties of each pool q that come first in (layer order, global
+    flat index) order. Every process learns every shard's tie count and offset (one all_gather of a
+    row as long as the number of (layer, pool) pairs with ties, not of entries), so each can tell
+    how many ties come before its own and take what is left of its pool's quota."""
+    wanted = set((need > 0).nonzero().flatten().tolist())
+    if not wanted:
+        return
+    slots = [(i, q) for i, distinct in enumerate(layers.distinct) for q in distinct if q in wanted]
     tie_layers = sorted({i for i, _ in slots})
     row = torch.zeros(len(slots) + len(tie_layers), dtype=torch.long)
     local_ties: List[Optional[torch.Tensor]] = []
     for j, (i, q) in enumerate(slots):
-        idx = cand_idx[i]
-        if idx is not None and cand_pool[i] is not None:
-            idx = idx[cand_pool[i] == q]
+        c = cands[i]
+        idx = None if c is None else c.idx
+        if c is not None and c.pool is not None:
+            idx = idx[c.pool == q]
         local_ties.append(idx)
         row[j] = 0 if idx is None else idx.numel()
     for j, i in enumerate(tie_layers):
         row[len(slots) + j] = offsets[i]
-    table = comm.all_gather_rows(row.to(device)).cpu()
+    table = comm.all_gather_rows(row.to(layers.device)).cpu()
     ties, offs = table[:, : len(slots)], table[:, len(slots) :]
     column = {i: j for j, i in enumerate(tie_layers)}
     me = comm.rank
