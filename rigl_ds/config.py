@@ -203,3 +203,30 @@ def load_config(config: ConfigLike = None) -> RigLConfig:
         return RigLConfig.model_validate(dict(config))
     except ValidationError as exc:
         raise RigLConfigError(_format_errors(exc)) from None
+
+
+# What a checkpoint's masks mean: a resume that changes one of these is refused. Everything else in
+# the block (when and how much masks move, seeds, schedules) may change on resume, and is logged.
+MASK_DEFINING_KEYS = (
+    "method",
+    "sparsity",
+    "distribution",
+    "erk_power_scale",
+    "dense_layers",
+    "custom_sparsity",
+    "modules",
+    "mask_groups",
+    "initial_sparsity",
+    "compact_optimizer_state",
+    "compact_master_weights",
+)
+
+
+def resume_changes(saved: Mapping[str, Any], current: RigLConfig) -> tuple:
+    """``(refused, allowed)``: the keys whose value differs between a checkpoint's block and this
+    run's, split by whether the change would reinterpret the saved masks and state."""
+    now = current.model_dump()
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    refused = {k: v for k, v in changed.items() if k in MASK_DEFINING_KEYS}
+    allowed = {k: v for k, v in changed.items() if k not in MASK_DEFINING_KEYS}
+    return refused, allowed

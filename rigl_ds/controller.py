@@ -227,7 +227,23 @@ class SparseController:
             "method_state": self.method.state_dict(self.shards),
         }
 
+    def check_resume_config(self, saved: Dict[str, Any]) -> None:
+        """Refuses a resume whose ``"rigl"`` block changes what the saved masks mean (sparsity,
+        distribution, modules, mask groups, method, ...), naming each key; logs allowed changes."""
+        from .config import RigLConfigError, resume_changes
+
+        refused, allowed = resume_changes(saved, self.config)
+        if refused:
+            listed = "; ".join(f"rigl.{k}: saved {a!r}, now {b!r}" for k, (a, b) in refused.items())
+            raise RigLConfigError(
+                f"the checkpoint's masks were made under another \"rigl\" block ({listed}); resume with the "
+                "saved values, or start a new run"
+            )
+        for key, (a, b) in allowed.items():
+            logger.warning("rigl_ds: resuming with rigl.%s changed from %r to %r", key, a, b)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_resume_config(state.get("config", {}))
         masks = state["masks"]
         missing = [s.layer.name for s in self.shards if s.layer.name not in masks]
         if missing:

@@ -95,3 +95,14 @@ def train(
 
 def train_many(runs) -> list:
     return [train(**kwargs) for kwargs in runs]
+
+
+def load_error(kwargs: Dict[str, Any]) -> str:
+    """The RigLConfigError a run's checkpoint load raises, or "" if it loads."""
+    from rigl_ds.config import RigLConfigError
+
+    try:
+        train(**kwargs)
+    except RigLConfigError as exc:
+        return str(exc)
+    return ""

@@ -261,16 +261,45 @@ class SparseEngine:
 
     def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
         self._refuse_pipeline_checkpoint()
+        # The rigl_ds part is verified, read and checked against this run before DeepSpeed replaces
+        # any weight: a checkpoint rigl_ds would refuse leaves the engine as it was.
+        state = self._read_rank_state(load_dir, tag)
         load_path, client_state = self._load(load_dir, tag, *args, **kwargs)
         if load_path is None:
             return load_path, client_state
+        if state is None or os.path.dirname(load_path) != state["_tag_dir"]:
+            tag_dir = os.path.dirname(load_path)
+            state = self._read_rank_state(os.path.dirname(tag_dir), os.path.basename(tag_dir))
         self._states_linked = False  # loading replaced the optimizer's state tensors: link the new ones
         self._link_optimizer_state()
-        ranges = {s.layer.name: (s.offset, s.numel) for s in self.shards}
-        state = checkpoint.load_rank_state(os.path.dirname(load_path), self.comm.rank, ranges)
+        state.pop("_tag_dir", None)
         self.controller.load_state_dict(state)
         self._refresh_low_precision()
         return load_path, client_state
+
+    def _read_rank_state(self, load_dir, tag) -> Optional[Dict[str, Any]]:
+        """This rank's saved state for ``tag`` (``latest`` when None), checked against this run's
+        config; None when the tag cannot be resolved here (DeepSpeed then reports it)."""
+        if tag is None:
+            latest = os.path.join(load_dir, checkpoint.LATEST)
+            if not os.path.isfile(latest):
+                return None
+            with open(latest) as f:
+                tag = f.read().strip()
+        tag_dir = os.path.join(load_dir, str(tag))
+        if not os.path.isdir(tag_dir):
+            return None
+        ranges = {s.layer.name: (s.offset, s.numel) for s in self.shards}
+        state = checkpoint.load_rank_state(tag_dir, self.comm.rank, ranges)
+        self.controller.check_resume_config(state.get("config", {}))
+        saved_world = state.get("world_size")
+        if self.config.compact_optimizer_state and saved_world != self.comm.world_size:
+            raise RigLConfigError(
+                f"rigl.compact_optimizer_state: {tag_dir} was saved at world size {saved_world}; compact optimizer "
+                f"state loads only at the world size it was saved at (this run: {self.comm.world_size})"
+            )
+        state["_tag_dir"] = tag_dir
+        return state
 
     def _refuse_pipeline_checkpoint(self) -> None:
         """The rank files are keyed by data-parallel rank, which every pipeline stage repeats: refuse
