@@ -13,7 +13,7 @@ functions here take the method's registered name, or ``DENSE`` for the dense bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,3 +137,41 @@ class TrainingFlops:
     @property
     def multiplier(self) -> float:
         return self.total / self.dense_equivalent if self.dense_equivalent else 0.0
+
+
+class FlopsMeter:
+    """Training FLOPs spent so far at each step's masks, as every entry point accounts them: per
+    example (or token) uses of each weight measured once, the report refreshed when the masks
+    change, each step's cost added to ``spent``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        uses: Mapping[str, int],
+        examples: int,
+        method: str,
+        delta_t: int,
+        spent: Optional[TrainingFlops] = None,
+    ):
+        """``uses``: ``weight_uses`` of one forward over ``examples`` examples (or tokens); the
+        counts are taken now, so build the meter before ZeRO-3 partitions the parameters."""
+        self.uses = {n: u / examples for n, u in uses.items()}
+        self.numels = {n: p.numel() for n, p in model.named_parameters()}
+        self.method, self.delta_t = method, delta_t
+        self.spent = TrainingFlops() if spent is None else spent
+        self.report: Optional[FlopsReport] = None
+
+    def report_at(self, layers: Optional[Sequence[Mapping[str, Any]]]) -> FlopsReport:
+        """Per-example figures at the densities of ``layers`` (a ``layer_report``; None: dense)."""
+        densities = {r["name"]: 1.0 - r["sparsity"] for r in layers or []}
+        return flops_report(self.numels, self.uses, densities, self.method, self.delta_t)
+
+    def refresh(self, layers: Optional[Sequence[Mapping[str, Any]]]) -> FlopsReport:
+        """Takes the current masks' figures for the steps from now on (densities change only at updates)."""
+        self.report = self.report_at(layers)
+        return self.report
+
+    def add_step(self, update_step: bool, examples: int) -> None:
+        """One optimizer step over ``examples`` examples (or tokens) at the current report's masks."""
+        report = self.report
+        self.spent.add(self.method, report.inference_sparse, report.inference_dense, update_step, examples)

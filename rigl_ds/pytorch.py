@@ -18,13 +18,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .adapter import UpdateWatch, mark_step_skipped, plan_for_model, start_controller
 from .compact import CompactOptimizer
-from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
-from .controller import SparseController
-from .flops import FlopsReport, TrainingFlops, flops_report, weight_uses
-from .layers import find_sparse_weights
+from .config import ConfigLike, RigLConfig, load_config
+from .flops import FlopsMeter, FlopsReport, TrainingFlops, weight_uses
 from .masks import keep_active
-from .plan import build_plan
 from .shards import LocalCollectives, WholeTensorShard
 
 
@@ -41,28 +39,23 @@ class SparseTraining:
         self.config: RigLConfig = load_config(config)
         self.model = model
         self.optimizer = optimizer
-        try:
-            weights = find_sparse_weights(model, self.config.modules)
-            plan = build_plan(self.config, {n: tuple(p.shape) for n, p in weights.items()})
-        except ValueError as exc:
-            raise RigLConfigError(str(exc)) from None
+        weights, plan = plan_for_model(model, self.config)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         absent = [layer.name for layer in plan.layers if id(weights[layer.name]) not in in_optimizer]
         if absent:
             raise ValueError(f"masked weights are not in the optimizer's param_groups: {absent[:5]}")
         self.plan = plan
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
-        self.controller = SparseController(self.config, plan, self.shards, LocalCollectives(), total_steps)
-        if isinstance(optimizer, CompactOptimizer):
-            self.controller.mask_listeners.append(self._repack_optimizer_state)
-        self.controller.initialize_masks()
+        repack = self._repack_optimizer_state if isinstance(optimizer, CompactOptimizer) else None
+        self.controller = start_controller(
+            self.config, plan, self.shards, LocalCollectives(), total_steps, on_masks_changed=repack
+        )
         self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient
         self._hooks = [
             shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(i, shard))
             for i, shard in enumerate(self.shards)
         ]
-        self._uses: Optional[Dict[str, float]] = None
-        self._report: Optional[FlopsReport] = None
+        self._flops: Optional[FlopsMeter] = None  # set by measure_flops
         self._examples = 1
         self.training_flops = TrainingFlops()
 
@@ -89,26 +82,19 @@ class SparseTraining:
         """Replaces ``optimizer.step()``: masks gradients, steps (unless this update skips it), keeps
         masked weights at zero and updates masks on schedule."""
         step = self.controller.step
+        updated = UpdateWatch(self.controller)
         run = self.controller.before_step(grads_already_masked=all(m == step for m in self._masked_at_step))
         loss = None
         if run:
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         else:
-            # A deliberate skip (RigL update step): the LR schedule stays aligned with iterations, so
-            # silence torch's "lr_scheduler.step() before optimizer.step()" warning, which keys on this.
-            self.optimizer._opt_called = True
+            mark_step_skipped(self.optimizer)  # a deliberate skip (RigL update step)
         self.controller.after_step(run)
-        if self._uses is not None:
-            if self._report is None or self.controller.was_update_step:
-                self._report = self.flops()  # densities change only at updates
-            report = self._report
-            self.training_flops.add(
-                self.config.method,
-                report.inference_sparse,
-                report.inference_dense,
-                self.controller.was_update_step,
-                self._examples,
-            )
+        if self._flops is not None:
+            update_step = updated.changed()
+            if update_step:
+                self._flops.refresh(self.layer_report())
+            self._flops.add_step(update_step, self._examples)
         return loss
 
     # -- what users read -----------------------------------------------------------------------
@@ -131,18 +117,17 @@ class SparseTraining:
         """Records how often each weight is used per example (one forward on the given inputs, whose
         batch holds ``examples`` examples), then accounts FLOPs at every later step."""
         uses = weight_uses(self.model, *example_args, **example_kwargs)
-        self._uses = {n: u / examples for n, u in uses.items()}
+        self._flops = FlopsMeter(
+            self.model, uses, examples, self.config.method, self.config.delta_t, spent=self.training_flops
+        )
         self._examples = examples
-        self._report = self.flops()
-        return self._report
+        return self._flops.refresh(self.layer_report())
 
     def flops(self) -> FlopsReport:
         """Per-example inference and training FLOPs at the current masks, against dense."""
-        if self._uses is None:
+        if self._flops is None:
             raise RuntimeError("call measure_flops(example_inputs) first")
-        numels = {n: p.numel() for n, p in self.model.named_parameters()}
-        densities = {r["name"]: 1.0 - r["sparsity"] for r in self.layer_report()}
-        return flops_report(numels, self._uses, densities, self.config.method, self.config.delta_t)
+        return self._flops.report_at(self.layer_report())
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ partitions and collective-based selection, and the same method code runs unchang
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -20,10 +20,6 @@ from .topk import select_topk
 
 class Shard:
     """The contiguous global range [offset, offset + numel) of one masked layer held here."""
-
-    # Set by an adapter whose optimizer keeps the full-precision weights outside ``weight`` (compact
-    # master weights): returns them for this range, or None while there are none yet.
-    master_source: Optional[Callable[["Shard"], Optional[torch.Tensor]]] = None
 
     def __init__(self, layer: LayerPlan, offset: int, numel: int, device: torch.device):
         if offset < 0 or offset + numel > layer.numel:
@@ -62,11 +58,8 @@ class Shard:
 
     def precise_weight(self) -> torch.Tensor:
         """The weight at full precision, which magnitude ranking reads: ``weight``, unless the
-        optimizer keeps the master copy elsewhere (then a fresh fp32 tensor)."""
-        if self.master_source is not None:
-            values = self.master_source(self)
-            if values is not None:
-                return values
+        optimizer keeps the master copy elsewhere (a view then overrides this and returns a fresh
+        fp32 tensor; ``rigl_ds.zero.views`` does for compact master weights)."""
         return self.weight
 
     def grad(self) -> Optional[torch.Tensor]:

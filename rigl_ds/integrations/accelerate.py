@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from ..adapter import plan_for_model
 from ..config import ConfigLike, load_config
-from .deepspeed import SparseEngine, _plan_for
+from .deepspeed import SparseEngine
 
 
 def sparsify(accelerator: Any, total_steps: Optional[int] = None, config: ConfigLike = None) -> SparseEngine:
@@ -38,7 +39,7 @@ def sparsify(accelerator: Any, total_steps: Optional[int] = None, config: Config
         )
     if config is None:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        config = _rigl_block(plugin.deepspeed_config if plugin is not None else wrapped.engine.config)
+        config = rigl_block(plugin.deepspeed_config if plugin is not None else wrapped.engine.config)
     return attach(wrapped.engine, config, total_steps)
 
 
@@ -54,11 +55,12 @@ def attach(engine: Any, config: ConfigLike, total_steps: Optional[int]) -> Spars
     if getattr(engine, "optimizer", None) is None:
         raise RuntimeError("rigl_ds: the DeepSpeed engine has no optimizer (prepared for inference only)")
     rigl_config = load_config(config)
-    _plan_for(engine.module, rigl_config)  # module patterns that match nothing fail here, by name
+    plan_for_model(engine.module, rigl_config)  # module patterns that match nothing fail here, by name
     return SparseEngine(engine, rigl_config, total_steps)
 
 
-def _rigl_block(ds_config: Mapping[str, Any]) -> Mapping[str, Any]:
+def rigl_block(ds_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``"rigl"`` block of a DeepSpeed config, as ``load_config`` takes it; an error if there is none."""
     block = ds_config.get("rigl") if isinstance(ds_config, Mapping) else None
     if block is None:
         raise ValueError('rigl_ds: the DeepSpeed config has no "rigl" block; add one, or pass config=')

@@ -20,13 +20,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import checkpoint, faults
-from ..compact import LAYOUT_KEYS, CompactAdam, CompactOptimizer, CompactSGD
+from ..adapter import UpdateWatch, mark_step_skipped, plan_for_model, start_controller
+from ..compact import CompactAdam, CompactOptimizer, CompactSGD
 from ..config import RigLConfig, RigLConfigError, load_config
-from ..controller import SparseController
-from ..layers import find_sparse_weights, global_shape
 from ..masks import apply_masks
-from ..plan import build_plan
-from ..shards import Shard
 
 logger = logging.getLogger("rigl_ds")
 
@@ -67,7 +64,7 @@ def initialize(*args: Any, total_steps: Optional[int] = None, defer_total_steps:
         if model is None:
             raise ValueError("rigl_ds.initialize needs the model (model=...)")
         _refuse_unsupported(config, model, kwargs.get("mpu", args[7] if len(args) > 7 else None))
-        _plan_for(model, rigl_config)
+        plan_for_model(model, rigl_config)
         if total_steps is None:
             total_steps = total_steps_from(config, kwargs.get("lr_scheduler", args[5] if len(args) > 5 else None))
         if not defer_total_steps:
@@ -92,34 +89,36 @@ class SparseEngine:
     def __init__(
         self, engine, config: RigLConfig, total_steps: Optional[int] = None, defer_total_steps: bool = False
     ):
-        from ..zero import zero_shards
+        from ..zero import zero_layout
 
         # Engines built elsewhere (HF Trainer, accelerate) reach here without rigl_ds.initialize's check.
         _refuse_unsupported(_engine_config(engine), engine.module, getattr(engine, "mpu", None))
         self.engine = engine
         self.config = config
-        self._states_linked = False
-        if config.compact_master_weights:
-            _share_stage3_master(engine)
-        weights, self.plan = _plan_for(engine.module, config)
-        self.shards, self.comm, self.layout = zero_shards(engine, self.plan, weights)
-        self.controller = SparseController(
-            config, self.plan, self.shards, self.comm, total_steps, defer_total_steps=defer_total_steps
-        )
+        weights, self.plan = plan_for_model(engine.module, config)
+        # Everything that knows where ZeRO keeps this rank's slices, and how to write them back.
+        self.zero = zero_layout(engine, self.plan, weights, compact_master_weights=config.compact_master_weights)
+        self.shards, self.comm = self.zero.shards, self.zero.comm
+        repack = None
         if config.compact_optimizer_state:
             if not isinstance(engine.basic_optimizer, CompactOptimizer):
                 raise RigLConfigError(
                     "rigl.compact_optimizer_state: DeepSpeed's optimizer is "
                     f"{type(engine.basic_optimizer).__name__}, not a rigl_ds.compact optimizer"
                 )
-            self.controller.mask_listeners.append(self._repack_optimizer_state)
+            repack = self.zero.repack_optimizer_state
             if config.compact_master_weights:
-                basic = engine.basic_optimizer
-                for s in self.shards:
-                    if getattr(s, "storage", None) is not None:
-                        s.master_source = lambda s: basic.master_range(s.storage, s.storage_offset, s.numel)
-        self.controller.initialize_masks()
-        self._refresh_low_precision()
+                self.zero.read_compact_masters()
+        self.controller = start_controller(
+            config,
+            self.plan,
+            self.shards,
+            self.comm,
+            total_steps,
+            defer_total_steps=defer_total_steps,
+            on_masks_changed=repack,
+        )
+        self.zero.refresh_low_precision()
         self._skip_optimizer = False
         # Not engine.step: PipelineEngine.train_batch calls _take_model_step itself, and without
         # managed gradient accumulation step() is a boundary only while it runs. _take_model_step
@@ -134,11 +133,16 @@ class SparseEngine:
         engine.load_checkpoint = self.load_checkpoint
         engine.rigl = self
 
+    @property
+    def layout(self) -> str:
+        """``"whole"``, ``"fragments"`` or ``"stage3"``: which ZeRO layout the masks are views of."""
+        return self.zero.name
+
     # -- the step ------------------------------------------------------------------------------
     def _take_model_step(self, *args: Any, **kwargs: Any):
         """DeepSpeed's optimizer step (clipping, optimizer, LR scheduler, step counters) with the
         controller around it: masks gradients and updates masks before, re-masks after."""
-        updates_at_start = self.controller.updates
+        updated = UpdateWatch(self.controller)
         run = self.controller.before_step()
         self._skip_optimizer = not run
         faults.maybe_fail("mid-step", self.controller.step)
@@ -146,12 +150,12 @@ class SparseEngine:
             out = self._engine_take_model_step(*args, **kwargs)
         finally:
             self._skip_optimizer = False
-        self._link_optimizer_state()
-        updates_before = len(self.controller.history)
+        self.zero.link_optimizer_state()
+        updated_after_step = UpdateWatch(self.controller)
         self.controller.after_step(run)
-        if len(self.controller.history) != updates_before:
-            self._refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
-        if self.controller.updates != updates_at_start:
+        if updated_after_step.changed():
+            self.zero.refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
+        if updated.changed():
             self._write_monitor()
         return out
 
@@ -166,55 +170,11 @@ class SparseEngine:
 
     def _wrapped_basic_step(self, *args: Any, **kwargs: Any):
         if self._skip_optimizer:
-            # A deliberate skip (RigL update step): as in the plain path, keep torch's LR scheduler
-            # from warning that it stepped before the optimizer, which it keys on this flag.
-            self._basic._opt_called = True
+            mark_step_skipped(self._basic)  # a deliberate skip (RigL update step)
             return None
         out = self._basic_step(*args, **kwargs)
-        stepped = {id(p) for group in self._basic.param_groups for p in group["params"]}
-        apply_masks([s for s in self.shards if _storage_id(s) in stepped])
+        apply_masks(self.zero.stepped_shards())
         return out
-
-    def _link_optimizer_state(self) -> None:
-        """ZeRO-1/2 and BF16_Optimizer link each parameter's optimizer-state fragments once, right
-        after their first step, even when that step did nothing (a skipped RigL update step, when
-        no state exists yet): they would never see the state created later. Link again once the
-        torch optimizer has state."""
-        if self.layout != "fragments" or self._states_linked:
-            return
-        # Compact state records its stateful set before the first step: that is not state to link.
-        if not any(key not in LAYOUT_KEYS for state in self._basic.state.values() for key in state):
-            return
-        self.engine.optimizer._hp_optimizer_states_linked = False
-        self.engine.optimizer._lazy_init_hp_params_optimizer_state()
-        self._states_linked = True
-
-    def _repack_optimizer_state(self) -> None:
-        """Compact optimizer state: every flat fp32 tensor holding masked fragments keeps moments for
-        its unmasked entries (other parameters, padding) and its active masked entries only. Runs
-        whenever the masks change, before the next optimizer step."""
-        by_storage: Dict[int, Any] = {}
-        for s in self.shards:
-            storage = getattr(s, "storage", None)
-            if storage is None or s.numel == 0:
-                continue
-            by_storage.setdefault(id(storage), (storage, []))[1].append(s)
-        for storage, shards in by_storage.values():
-            keep = torch.ones(storage.numel(), dtype=torch.bool, device=storage.device)
-            for s in shards:
-                keep.narrow(0, s.storage_offset, s.numel).copy_(s.mask)
-            self.engine.basic_optimizer.set_stateful(storage, keep)
-        if self.layout == "fragments" and self._states_linked:
-            # Re-link DeepSpeed's fragment views so none holds a freed dense moment.
-            self.engine.optimizer._hp_optimizer_states_linked = False
-            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-    def _refresh_low_precision(self) -> None:
-        """Low-precision copies must show the masks: ZeRO-3 and stage 0 wrote them through the
-        shard views; ZeRO-1/2 and BF16_Optimizer re-copy and all-gather (each rank's copy of the
-        whole parameter holds other ranks' fragments)."""
-        if self.layout == "fragments":
-            self.engine.optimizer.update_lp_params()
 
     # -- reporting --------------------------------------------------------------------------------
     def layer_report(self) -> List[Dict[str, Any]]:
@@ -270,11 +230,10 @@ class SparseEngine:
         if state is None or os.path.dirname(load_path) != state["_tag_dir"]:
             tag_dir = os.path.dirname(load_path)
             state = self._read_rank_state(os.path.dirname(tag_dir), os.path.basename(tag_dir))
-        self._states_linked = False  # loading replaced the optimizer's state tensors: link the new ones
-        self._link_optimizer_state()
+        self.zero.relink_optimizer_state()  # loading replaced the optimizer's state tensors
         state.pop("_tag_dir", None)
         self.controller.load_state_dict(state)
-        self._refresh_low_precision()
+        self.zero.refresh_low_precision()
         return load_path, client_state
 
     def _read_rank_state(self, load_dir, tag) -> Optional[Dict[str, Any]]:
@@ -304,7 +263,7 @@ class SparseEngine:
     def _refuse_pipeline_checkpoint(self) -> None:
         """The rank files are keyed by data-parallel rank, which every pipeline stage repeats: refuse
         rather than let stages overwrite each other's masks."""
-        from .pipeline import pipeline_grid
+        from ..pipeline import pipeline_grid
 
         if pipeline_grid(self.engine.module) is not None:
             raise NotImplementedError(
@@ -379,40 +338,6 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
     return args, kwargs
 
 
-def _share_stage3_master(engine) -> None:
-    """ZeRO-3 with bf16 master weights means to step the bf16 partition itself (stage3.py keeps no
-    second copy when the dtypes and devices match), but DeepSpeed 0.19 compares a device string with a
-    torch.device there, so it always keeps a bf16 copy. With the fp32 masters in the optimizer that
-    copy is only 2 bytes per parameter of waste: step the partition itself, as DeepSpeed intends."""
-    opt = engine.optimizer
-    lps = getattr(opt, "fp16_partitioned_groups_flat", None)
-    hps = getattr(opt, "fp32_partitioned_groups_flat", None)
-    if lps is None or hps is None or getattr(opt, "offload_optimizer", False):
-        return
-    for i, (lp, hp) in enumerate(zip(lps, hps)):
-        if hp is lp or hp.dtype != lp.dtype or hp.shape != lp.shape or hp.device != lp.device:
-            continue
-        if hp.grad is not None or engine.basic_optimizer.state.get(hp):
-            continue  # already stepped: leave DeepSpeed's tensors as they are
-        lp.ds_id = hp.ds_id  # the optimizer swapper and step key sub-groups by it
-        hps[i] = lp
-
-
-def _plan_for(model: torch.nn.Module, config: RigLConfig):
-    """The weights this process masks and their plan; on a pipeline stage, its part of the whole
-    model's plan (a collective over the pipe group: every stage calls it together)."""
-    from .pipeline import pipeline_grid, stage_plan
-
-    try:
-        grid = pipeline_grid(model)
-        if grid is not None:
-            return stage_plan(model, config, grid)
-        weights = find_sparse_weights(model, config.modules)
-        return weights, build_plan(config, {n: global_shape(p) for n, p in weights.items()})
-    except ValueError as exc:
-        raise RigLConfigError(str(exc)) from None
-
-
 # DeepSpeed's expert-parallel layers, by class path (no import needed to recognise them).
 _MOE_CLASSES = ("deepspeed.moe.layer.MoE", "deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer")
 
@@ -482,8 +407,3 @@ def _engine_config(engine: Any) -> Dict[str, Any]:
     if isinstance(parsed, dict):
         return parsed
     return _ds_config_dict(getattr(engine, "config", None), None) or {}
-
-
-def _storage_id(shard: Shard) -> Optional[int]:
-    storage = getattr(shard, "storage", None)
-    return None if storage is None else id(storage)

@@ -26,10 +26,11 @@ from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
+from ..adapter import plan_for_model
 from ..config import RigLConfig, load_config
-from .accelerate import _rigl_block, attach
+from .accelerate import attach, rigl_block
 from .autopatch import adapter_building
-from .deepspeed import SparseEngine, _plan_for
+from .deepspeed import SparseEngine
 
 
 class RigLCallback(TrainerCallback):
@@ -45,8 +46,8 @@ class RigLCallback(TrainerCallback):
         if plugin is None:
             raise ValueError("RigLCallback needs a Trainer running DeepSpeed: TrainingArguments(deepspeed=<config>)")
         self.trainer = trainer
-        self.config: RigLConfig = load_config(_rigl_block(plugin.deepspeed_config))
-        _plan_for(trainer.model, self.config)
+        self.config: RigLConfig = load_config(rigl_block(plugin.deepspeed_config))
+        plan_for_model(trainer.model, self.config)
         self.sparse: Optional[SparseEngine] = None
         self._hook_prepare(trainer.accelerator)
 

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from .. import checkpoint  # noqa: E402
-from ..flops import DENSE, TrainingFlops, flops_report, weight_uses  # noqa: E402
+from ..adapter import UpdateWatch  # noqa: E402
+from ..flops import DENSE, FlopsMeter, TrainingFlops, weight_uses  # noqa: E402
 from .data import lm_blocks, load_text, train_tokenizer  # noqa: E402
 from .job import JobConfig, load_job  # noqa: E402
 from .models import build_model, lm_loss  # noqa: E402
@@ -137,23 +138,6 @@ def evaluate_distributed(engine, blocks, max_blocks: int, micro_batch: int) -> D
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": float(sums[0] / math.log(2) / sums[2])}
 
 
-class _Flops:
-    """Training FLOPs spent so far, per token, at the masks of each step (paper's accounting)."""
-
-    def __init__(self, model: torch.nn.Module, probe: torch.Tensor, method: str, delta_t: int):
-        uses = weight_uses(model, probe)
-        self.uses = {n: u / probe.numel() for n, u in uses.items()}
-        self.numels = {n: p.numel() for n, p in model.named_parameters()}
-        self.method, self.delta_t = method, delta_t
-        self.spent = TrainingFlops()
-        self.f_sparse = self.f_dense = 0.0
-
-    def refresh(self, layers: Optional[List[Dict[str, Any]]]) -> None:
-        densities = {r["name"]: 1.0 - r["sparsity"] for r in layers or []}
-        report = flops_report(self.numels, self.uses, densities, self.method, self.delta_t)
-        self.f_sparse, self.f_dense = report.inference_sparse, report.inference_dense
-
-
 def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = False) -> Dict[str, Any]:
     """Trains per ``config`` (a DeepSpeed config dict with optional ``"rigl"`` and ``"job"``
     blocks); returns the final summary (on every rank)."""
@@ -184,7 +168,8 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
 
     model = build_model(job.family, len(tokenizer), **job.model)
     method = rigl.method if rigl else DENSE
-    flops = _Flops(model, train_blocks[:1]["input_ids"], method, rigl.delta_t if rigl else 1)
+    probe = train_blocks[:1]["input_ids"]  # FLOPs per token, at each step's masks (paper's accounting)
+    flops = FlopsMeter(model, weight_uses(model, probe), probe.numel(), method, rigl.delta_t if rigl else 1)
     total_params = sum(p.numel() for p in model.parameters())
     masked_numel = 0
 
@@ -232,7 +217,7 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     )
     window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-steps, since the last log
     tokens, started, row = start_tokens, time.time(), {}
-    updates_seen = len(sparse.history) if sparse else 0
+    updates = UpdateWatch(sparse.controller) if sparse else None
     val = None
     for step in range(start_step, job.steps):
         for m in range(accumulation):
@@ -246,12 +231,11 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
             engine.step()
             window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         tokens += tokens_per_step
-        updated = False
-        if sparse and len(sparse.history) != updates_seen:
-            updates_seen, updated = len(sparse.history), True
+        updated = updates is not None and updates.changed()
+        if updated:
             layers = sparse.layer_report()
             flops.refresh(layers)
-        flops.spent.add(method, flops.f_sparse, flops.f_dense, updated, tokens_per_step)
+        flops.add_step(updated, tokens_per_step)
         done = step + 1
         bar.update(1)
         evaluate_now = done == job.steps or (job.eval_every and done % job.eval_every == 0)
@@ -302,7 +286,9 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
         "final": row,
         "validation": val,
         "training_flops_vs_dense": flops.spent.multiplier,
-        "inference_flops_vs_dense": flops.f_sparse / flops.f_dense if flops.f_dense else 1.0,
+        "inference_flops_vs_dense": (
+            flops.report.inference_sparse / flops.report.inference_dense if flops.report.inference_dense else 1.0
+        ),
         "total_params": total_params,
         "mask_updates": sparse.controller.updates if sparse else 0,
         "layers": layers or [],

@@ -14,15 +14,34 @@ gradient or optimizer state.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
 
-from ..plan import LayerPlan, SparsityPlan
-from ..shards import Collectives, LocalCollectives, ParamRangeShard, Shard
+from ..plan import LayerPlan
+from ..shards import ParamRangeShard, Shard
 
 
-class HpFragmentShard(Shard):
+class FlatStorage:
+    """Mixed into every view below: the fp32 master of the shard's range is ``[storage_offset,
+    storage_offset + numel)`` of ``storage``, a tensor the torch optimizer steps (None where the rank
+    holds none of the weight)."""
+
+    storage: Optional[torch.Tensor]
+    storage_offset: int
+    # A rigl_ds.compact optimizer that keeps the fp32 values of active entries itself (compact master
+    # weights; set by ZeroLayout.read_compact_masters): magnitude ranking reads them there.
+    compact_masters: Optional[Any] = None
+
+    def precise_weight(self) -> torch.Tensor:
+        if self.compact_masters is not None:
+            values = self.compact_masters.master_range(self.storage, self.storage_offset, self.numel)
+            if values is not None:
+                return values
+        return self.weight
+
+
+class HpFragmentShard(FlatStorage, Shard):
     """This rank's fragment of a parameter in a flat fp32 partition (ZeRO-1/2, BF16_Optimizer)."""
 
     def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer, device: torch.device):
@@ -86,7 +105,7 @@ class HpFragmentShard(Shard):
         return [self.mapping.lp_fragment.detach().view(-1)]
 
 
-class Stage3Shard(Shard):
+class Stage3Shard(FlatStorage, Shard):
     """This rank's slice of a ZeRO-3 partitioned parameter: fp32 master, gradient, optimizer
     state and the low-precision ``ds_tensor``, all without the padding."""
 
@@ -133,7 +152,7 @@ class Stage3Shard(Shard):
         return [self.param.ds_tensor.detach().view(-1).narrow(0, 0, self.numel)]
 
 
-class Stage0Shard(ParamRangeShard):
+class Stage0Shard(FlatStorage, ParamRangeShard):
     """ZeRO-0 with fp32: the whole parameter, stepped in place by the torch optimizer."""
 
     storage_offset = 0
@@ -143,7 +162,7 @@ class Stage0Shard(ParamRangeShard):
         return self.param
 
 
-class UnfusedMasterShard(ParamRangeShard):
+class UnfusedMasterShard(FlatStorage, ParamRangeShard):
     """ZeRO-0 with bf16 (DeepSpeed's FP16_UnfusedOptimizer): the torch optimizer steps a whole fp32
     copy of each parameter, and DeepSpeed copies it into the bf16 parameter after the step."""
 
@@ -174,44 +193,3 @@ class UnfusedMasterShard(ParamRangeShard):
 
     def extra_copies(self) -> List[torch.Tensor]:
         return [self.param.data.view(-1)]
-
-
-def zero_shards(
-    engine, plan: SparsityPlan, weights: Dict[str, torch.nn.Parameter]
-) -> Tuple[List[Shard], Collectives, str]:
-    """This rank's shard of every masked layer (empty where it holds none) and the collectives
-    they agree through. Returns (shards, collectives, layout) with layout one of
-    ``"whole"``, ``"fragments"`` or ``"stage3"``."""
-    from ..select import ShardedCollectives
-
-    stage = engine.zero_optimization_stage()
-    optimizer = engine.optimizer
-    group = getattr(optimizer, "dp_process_group", None)
-    if stage == 3:
-        comm = ShardedCollectives(group)
-        shards: List[Shard] = [Stage3Shard(layer, weights[layer.name], optimizer, comm.rank) for layer in plan.layers]
-        return shards, comm, "stage3"
-    params = [weights[layer.name] for layer in plan.layers]
-    if any(hasattr(p, "_hp_mapping") for p in params):
-        comm = ShardedCollectives(group)
-        device = params[0].device
-        shards = [HpFragmentShard(layer, weights[layer.name], optimizer, device) for layer in plan.layers]
-        return shards, comm, "fragments"
-    basic = engine.basic_optimizer
-    if stage == 0 and optimizer is basic:
-        return [Stage0Shard(layer, weights[layer.name], basic) for layer in plan.layers], LocalCollectives(), "whole"
-    if stage == 0 and hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
-        masters = {
-            id(lp): master
-            for lp_group, master_group in zip(optimizer.fp16_groups, optimizer.fp32_groups)
-            for lp, master in zip(lp_group, master_group)
-        }
-        shards = [
-            UnfusedMasterShard(layer, weights[layer.name], masters[id(weights[layer.name])], basic)
-            for layer in plan.layers
-        ]
-        return shards, LocalCollectives(), "whole"
-    raise NotImplementedError(
-        f"rigl_ds: no mask layout for ZeRO stage {stage} with DeepSpeed's {type(optimizer).__name__} "
-        "(supported: stage 0 fp32 or bf16, stages 1-3)"
-    )

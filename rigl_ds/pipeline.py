@@ -5,6 +5,9 @@ At start-up the stages of one pipeline exchange their parameters' shapes (one ``
 over the pipe group); every stage builds the whole model's plan from them and keeps its own layers,
 each at the target the whole plan gives it. Masks, updates and counts then stay within the stage
 (and its data-parallel group): no collective crosses stages after start-up.
+
+Pure torch (a ``PipelineModule`` is recognised by its grid, without importing DeepSpeed), so the
+shared planning step (``rigl_ds.adapter.plan_for_model``) can use it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import RigLConfig
-from ..layers import default_sparse_weights, global_shape, weights_matching
-from ..plan import SparsityPlan, build_plan
+from .config import RigLConfig
+from .layers import default_sparse_weights, global_shape, weights_matching
+from .plan import SparsityPlan, build_plan
 
 
 def pipeline_grid(model: torch.nn.Module) -> Optional[Any]:
