@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -138,28 +139,75 @@ def evaluate_distributed(engine, blocks, max_blocks: int, micro_batch: int) -> D
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": float(sums[0] / math.log(2) / sums[2])}
 
 
+@dataclass
+class _Run:
+    """What the phases of one training run share: the job, the world, the data, the engine."""
+
+    job: JobConfig
+    rank: int
+    world: int
+    out_dir: Path
+    train_blocks: Any
+    val_blocks: Any
+    engine: Any
+    sparse: Any
+    method: str
+    flops: FlopsMeter
+    total_params: int
+    micro: int
+    accumulation: int
+    layers: Optional[List[Dict[str, Any]]] = None
+    masked_numel: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro * self.accumulation * self.world * self.job.seq_len
+
+    def refresh_layers(self) -> None:
+        self.layers = self.sparse.layer_report() if self.sparse else None
+        if self.layers:
+            self.masked_numel = sum(r["numel"] for r in self.layers)
+        self.flops.refresh(self.layers)
+
+
 def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = False) -> Dict[str, Any]:
     """Trains per ``config`` (a DeepSpeed config dict with optional ``"rigl"`` and ``"job"``
     blocks); returns the final summary (on every rank)."""
-    from tqdm import tqdm
-
-    import rigl_ds
     from rigl_ds.config import load_config
 
     job = load_job(config.get("job"), overrides)
     # Validate before anything is built or any rank starts work.
     rigl = load_config(config["rigl"]) if "rigl" in config else None
+    rank, world = _start_ranks(job)
+    run = _build(config, job, rigl, rank, world)
+    start_step, tokens = _resume(run) if resume else (0, 0)
+    run.refresh_layers()
+    row, val, tokens = _train_loop(run, start_step, tokens, resume)
+    return _finish(run, row, val, tokens)
+
+
+def _start_ranks(job: JobConfig) -> tuple:
     _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
         # CPU ranks share the cores: more intra-op threads than cores per rank makes each several times slower.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    out_dir = Path(job.out_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.seed)
+    return rank, world
 
+
+def _build(config: Dict[str, Any], job: JobConfig, rigl, rank: int, world: int) -> _Run:
+    """Data (tokenised by rank 0 first, cached), the model and the DeepSpeed engine with the rigl block."""
+    import rigl_ds
+
+    out_dir = Path(job.out_dir)
     text = _rank0_first(lambda: load_text(job.data, job.validation_fraction))
     cache = out_dir.parent / "cache"
     tokenizer = _rank0_first(lambda: train_tokenizer(text["train"], job.tokenizer_kind, job.vocab_size, cache))
@@ -171,7 +219,6 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     probe = train_blocks[:1]["input_ids"]  # FLOPs per token, at each step's masks (paper's accounting)
     flops = FlopsMeter(model, weight_uses(model, probe), probe.numel(), method, rigl.delta_t if rigl else 1)
     total_params = sum(p.numel() for p in model.parameters())
-    masked_numel = 0
 
     ds_config = {k: v for k, v in config.items() if k != "job"}
     optimizer = None if "optimizer" in ds_config else _optimizer(job, model)
@@ -181,107 +228,149 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
     engine, _, _, scheduler = rigl_ds.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, total_steps=job.steps
     )
-    sparse = getattr(engine, "rigl", None)
     # DeepSpeed resolves the batch keys (any two of train_batch_size, micro-batch, accumulation).
-    micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    ckpt_dir = out_dir / "checkpoints"
-    start_step, start_tokens = 0, 0
-    if resume:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=_resume_tag(ckpt_dir, sparse is not None))
-        start_step, start_tokens = int(client["step"]), int(client["tokens"])
-        flops.spent = TrainingFlops(**client["training_flops"])
-    layers = sparse.layer_report() if sparse else None
-    if layers:
-        masked_numel = sum(r["numel"] for r in layers)
-    flops.refresh(layers)
-
-    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(job.seed))
-    tokens_per_step = micro * accumulation * world * job.seq_len
-    metrics_path = out_dir / "metrics.csv"
-    writer = None
-    if rank == 0:
-        fresh = not (resume and metrics_path.is_file())
-        if not fresh:
-            _drop_rows_after(metrics_path, start_step)
-        handle = open(metrics_path, "w" if fresh else "a", newline="")
-        writer = csv.DictWriter(handle, fieldnames=METRICS)
-        if fresh:
-            writer.writeheader()
-    bar = tqdm(
-        total=job.steps,
-        initial=start_step,
-        desc=method,
-        disable=rank != 0,
-        mininterval=1.0,
-        dynamic_ncols=True,
+    return _Run(
+        job=job,
+        rank=rank,
+        world=world,
+        out_dir=out_dir,
+        train_blocks=train_blocks,
+        val_blocks=val_blocks,
+        engine=engine,
+        sparse=getattr(engine, "rigl", None),
+        method=method,
+        flops=flops,
+        total_params=total_params,
+        micro=engine.train_micro_batch_size_per_gpu(),
+        accumulation=engine.gradient_accumulation_steps(),
     )
-    window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-steps, since the last log
-    tokens, started, row = start_tokens, time.time(), {}
-    updates = UpdateWatch(sparse.controller) if sparse else None
-    val = None
+
+
+def _resume(run: _Run) -> tuple:
+    """Loads the newest complete checkpoint; returns (optimizer step, tokens seen) it was saved at."""
+    tag = _resume_tag(run.ckpt_dir, run.sparse is not None)
+    _, client = run.engine.load_checkpoint(str(run.ckpt_dir), tag=tag)
+    run.flops.spent = TrainingFlops(**client["training_flops"])
+    return int(client["step"]), int(client["tokens"])
+
+
+def _open_metrics(run: _Run, resume: bool, start_step: int):
+    """Rank 0's ``metrics.csv`` writer (appending after a resume, from the resumed step on)."""
+    if run.rank != 0:
+        return None, None
+    metrics_path = run.out_dir / "metrics.csv"
+    fresh = not (resume and metrics_path.is_file())
+    if not fresh:
+        _drop_rows_after(metrics_path, start_step)
+    handle = open(metrics_path, "w" if fresh else "a", newline="")
+    writer = csv.DictWriter(handle, fieldnames=METRICS)
+    if fresh:
+        writer.writeheader()
+    return handle, writer
+
+
+def _train_loop(run: _Run, start_step: int, tokens: int, resume: bool) -> tuple:
+    """The optimizer steps: micro-batches, FLOPs accounting, logging and evaluation, checkpoints."""
+    from tqdm import tqdm
+
+    job, engine = run.job, run.engine
+    order = torch.randperm(len(run.train_blocks), generator=torch.Generator().manual_seed(job.seed))
+    handle, writer = _open_metrics(run, resume, start_step)
+    bar = tqdm(
+        total=job.steps, initial=start_step, desc=run.method, disable=run.rank != 0, mininterval=1.0, dynamic_ncols=True
+    )
+    # Loss sum and micro-steps since the last log, kept on the device: no host sync per micro-step.
+    window = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    started, row, val = time.time(), {}, None
+    updates = UpdateWatch(run.sparse.controller) if run.sparse else None
     for step in range(start_step, job.steps):
-        for m in range(accumulation):
-            # Per-(step, micro, rank) seeding: dropout and friends replay exactly after a resume.
-            torch.manual_seed(job.seed * 1_000_003 + (step * accumulation + m) * world + rank)
-            first = ((step * accumulation + m) * world + rank) * micro
-            idx = order[(first + torch.arange(micro)) % len(order)]
-            ids = train_blocks[idx]["input_ids"].to(engine.device)
-            loss = lm_loss(engine, ids)
-            engine.backward(loss)
-            engine.step()
-            window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        tokens += tokens_per_step
+        for m in range(run.accumulation):
+            loss = _micro_step(run, order, step, m)
+            window[0] += loss.detach().double()
+            window[1] += 1.0
+        tokens += run.tokens_per_step
         updated = updates is not None and updates.changed()
         if updated:
-            layers = sparse.layer_report()
-            flops.refresh(layers)
-        flops.add_step(updated, tokens_per_step)
+            run.refresh_layers()
+        run.flops.add_step(updated, run.tokens_per_step)
         done = step + 1
         bar.update(1)
         evaluate_now = done == job.steps or (job.eval_every and done % job.eval_every == 0)
         if done % job.log_every == 0 or evaluate_now:
-            reduced = _all_reduce(window, engine.device)
-            loss_avg = float(reduced[0] / reduced[1])
-            window.zero_()
-            val = evaluate_distributed(engine, val_blocks, job.eval_blocks, micro) if evaluate_now else None
-            active = total_params - masked_numel + (sum(r["active"] for r in layers) if layers else 0)
-            row = {
-                "step": done,
-                "tokens": tokens,
-                "loss": loss_avg,
-                "perplexity": math.exp(min(loss_avg, 50.0)),
-                "lr": engine.get_lr()[0],
-                "drop_fraction": sparse.controller.method.drop_fraction(sparse.controller.step) if sparse else 0.0,
-                "active_params": active,
-                "total_params": total_params,
-                "training_flops": flops.spent.total,
-                "training_flops_vs_dense": flops.spent.multiplier,
-                "val_loss": val["loss"] if val else "",
-                "val_perplexity": val["perplexity"] if val else "",
-                "val_bits_per_char": val["bits_per_char"] if val else "",
-                "seconds": round(time.time() - started, 2),
-            }
-            if rank == 0:
-                writer.writerow(row)
-                handle.flush()
-                bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{row['lr']:.2e}", active=active)
-                if val:
-                    bar.write(
-                        f"step {done}: train loss {loss_avg:.3f}, validation loss {val['loss']:.3f}, "
-                        f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.3f} bits/char"
-                    )
-            _monitor(engine, row, done)
+            row, val = _log(run, window, done, tokens, started, evaluate_now, writer, handle, bar)
         if (job.save_every and done % job.save_every == 0) or done == job.steps:
-            client = {"step": done, "tokens": tokens, "training_flops": vars(flops.spent)}
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state=client)
-            if rank == 0:
-                _prune_checkpoints(ckpt_dir, job.keep_checkpoints, sparse is not None)
+            _save(run, done, tokens)
     bar.close()
+    if handle is not None:
+        handle.close()
+    return row, val, tokens
+
+
+def _micro_step(run: _Run, order: torch.Tensor, step: int, m: int) -> torch.Tensor:
+    engine, world, micro = run.engine, run.world, run.micro
+    # Per-(step, micro, rank) seeding: dropout and friends replay exactly after a resume.
+    torch.manual_seed(run.job.seed * 1_000_003 + (step * run.accumulation + m) * world + run.rank)
+    first = ((step * run.accumulation + m) * world + run.rank) * micro
+    idx = order[(first + torch.arange(micro)) % len(order)]
+    ids = run.train_blocks[idx]["input_ids"].to(engine.device)
+    loss = lm_loss(engine, ids)
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def _log(run: _Run, window, done, tokens, started, evaluate_now, writer, handle, bar) -> tuple:
+    """One ``metrics.csv`` row (loss averaged over ranks and micro-steps since the last one)."""
+    engine, sparse, layers = run.engine, run.sparse, run.layers
+    reduced = _all_reduce(window, engine.device)
+    loss_avg = float(reduced[0] / reduced[1])
+    window.zero_()
+    val = evaluate_distributed(engine, run.val_blocks, run.job.eval_blocks, run.micro) if evaluate_now else None
+    active = run.total_params - run.masked_numel + (sum(r["active"] for r in layers) if layers else 0)
+    row = {
+        "step": done,
+        "tokens": tokens,
+        "loss": loss_avg,
+        "perplexity": math.exp(min(loss_avg, 50.0)),
+        "lr": engine.get_lr()[0],
+        "drop_fraction": sparse.controller.method.drop_fraction(sparse.controller.step) if sparse else 0.0,
+        "active_params": active,
+        "total_params": run.total_params,
+        "training_flops": run.flops.spent.total,
+        "training_flops_vs_dense": run.flops.spent.multiplier,
+        "val_loss": val["loss"] if val else "",
+        "val_perplexity": val["perplexity"] if val else "",
+        "val_bits_per_char": val["bits_per_char"] if val else "",
+        "seconds": round(time.time() - started, 2),
+    }
+    if run.rank == 0:
+        writer.writerow(row)
+        handle.flush()
+        bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{row['lr']:.2e}", active=active)
+        if val:
+            bar.write(
+                f"step {done}: train loss {loss_avg:.3f}, validation loss {val['loss']:.3f}, "
+                f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.3f} bits/char"
+            )
+    _monitor(engine, row, done)
+    return row, val
+
+
+def _save(run: _Run, done: int, tokens: int) -> None:
+    client = {"step": done, "tokens": tokens, "training_flops": vars(run.flops.spent)}
+    run.engine.save_checkpoint(str(run.ckpt_dir), tag=f"step{done}", client_state=client)
+    if run.rank == 0:
+        _prune_checkpoints(run.ckpt_dir, run.job.keep_checkpoints, run.sparse is not None)
+
+
+def _finish(run: _Run, row: Dict[str, Any], val: Optional[Dict[str, float]], tokens: int) -> Dict[str, Any]:
+    """``summary.json`` and ``layers.json`` (rank 0); the summary on every rank."""
+    flops, sparse, job = run.flops, run.sparse, run.job
     summary = {
         "family": job.family,
-        "method": method,
+        "method": run.method,
         "steps": job.steps,
-        "world_size": world,
+        "world_size": run.world,
         "tokens": tokens,
         "final": row,
         "validation": val,
@@ -289,14 +378,13 @@ def train(config: Dict[str, Any], overrides: Sequence[str] = (), resume: bool = 
         "inference_flops_vs_dense": (
             flops.report.inference_sparse / flops.report.inference_dense if flops.report.inference_dense else 1.0
         ),
-        "total_params": total_params,
+        "total_params": run.total_params,
         "mask_updates": sparse.controller.updates if sparse else 0,
-        "layers": layers or [],
+        "layers": run.layers or [],
     }
-    if rank == 0:
-        handle.close()
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out_dir / "layers.json").write_text(json.dumps(layers or [], indent=2))
+    if run.rank == 0:
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run.out_dir / "layers.json").write_text(json.dumps(run.layers or [], indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=2))
     return summary
 
