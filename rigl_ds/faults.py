@@ -43,7 +43,9 @@ def maybe_fail(point: str, step: Optional[int] = None) -> None:
     rank = os.environ.get(ENV_RANK)
     if rank is not None and rank.strip() != "" and int(rank) != _global_rank():
         return
-    print(f"rigl_ds.faults: {ENV}={armed}: killing rank {_global_rank()} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    print(
+        f"rigl_ds.faults: {ENV}={armed}: killing rank {_global_rank()} (pid {os.getpid()})", file=sys.stderr, flush=True
+    )
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import ds_sim  # noqa: E402
+from gloo import end_rank  # noqa: E402
 
 import rigl_ds  # noqa: E402
 from rigl_ds.lm.models import lm_loss  # noqa: E402
@@ -57,3 +58,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank()  # not interpreter finalization: see gloo.end_rank
