@@ -43,3 +43,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     main()
+    from rigl_ds.rank_exit import end_rank
+
+    end_rank()  # a finished gloo rank must not meet interpreter finalization: see rigl_ds/rank_exit.py

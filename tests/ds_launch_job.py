@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import ds_sim  # noqa: E402
-from gloo import end_rank  # noqa: E402
 
 import rigl_ds  # noqa: E402
 from rigl_ds.lm.models import lm_loss  # noqa: E402
+from rigl_ds.rank_exit import end_rank  # noqa: E402
 
 
 def main() -> None:
@@ -58,4 +58,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_rank()  # not interpreter finalization: see gloo.end_rank
+    end_rank()  # not interpreter finalization: see rigl_ds.rank_exit

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -15,33 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def end_rank() -> None:
-    """Ends a rank whose work is done and written, without interpreter finalization.
-
-    A gloo worker thread (ProcessGroupGloo::runLoop) drops its reference to a finished collective,
-    and so to the collective's tensors, a moment after ``wait()`` has returned in the main thread.
-    When Python has already let go of those tensors, that drop frees their Python objects and must
-    take the GIL; if the interpreter is finalizing by then, CPython 3.11 ends the thread with
-    ``pthread_exit``, whose unwinding hits a noexcept destructor: std::terminate ("terminate called
-    without an active exception"), SIGABRT, exit 250 under the deepspeed launcher (core dump: the
-    abort is in ``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject`` -> ``take_gil`` ->
-    ``PyThread_exit_thread``). ``destroy_process_group()`` does not join those threads: DeepSpeed's
-    data-parallel group lives on in the engine, which its autograd hooks keep alive until module
-    teardown, and gloo's ``shutdown()`` / ``abort()`` join nothing. So the rank ends before
-    finalization, with its output flushed; only after success (a failure exits non-zero anyway).
-
-    Also removes this rank's DeepSpeed shm all-reduce workspace (69 MB in /dev/shm, created at
-    init_distributed when every rank is local and never unlinked by DeepSpeed 0.19.8: launcher tests
-    had filled 20 of this machine's 24 GB). Every peer mapped it during init_distributed."""
-    shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
-    try:
-        os.unlink(f"{shm}_{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
-    except FileNotFoundError:
-        pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+from rigl_ds.rank_exit import end_rank
 
 
 def _entry(rank: int, world: int, workdir: str, target: str, args: tuple) -> None:
