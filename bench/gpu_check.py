@@ -997,8 +997,8 @@ def section_pipeline(ctx: Context) -> Outcome:
 # == 5. fp16 overflow ==============================================================================
 def section_fp16_overflow(ctx: Context) -> Outcome:
     """An inf gradient at update step 2. Both DeepSpeed and rigl_ds must treat the step as not
-    taken: DeepSpeed counts it in ``skipped_steps``, and rigl_ds records no mask update there and
-    leaves the masks as they were (cluster-review C1 predicts the embedding case fails today)."""
+    taken: DeepSpeed counts it in ``skipped_steps``, and rigl_ds leaves the masks as they were there,
+    does not advance its schedule, and runs the update on the next step (cluster-review C1)."""
     # ZeRO-2/3 skip overflowed steps in bf16 too; DeepSpeed has no fp16 on CPU.
     dtypes = ("fp16", "bf16") if ctx.cuda else ("bf16",)
     at = 2
@@ -1015,11 +1015,15 @@ def section_fp16_overflow(ctx: Context) -> Outcome:
         problems = []
         if run.skipped_steps != 1:
             problems.append(f"{run.label}: DeepSpeed skipped {run.skipped_steps} steps, expected 1")
-        if at in [h[0] for h in run.history]:
+        # rigl_ds's schedule counts applied steps only: the update due at the skipped step runs on the
+        # next one, so updates stay at schedule steps 0, 2, 4, ... and the count is one behind DeepSpeed's.
+        if run.controller_step != run.global_steps - run.skipped_steps:
             problems.append(
-                f"{run.label}: rigl_ds counted a mask update at overflow step {at} "
-                f"(updates at {[h[0] for h in run.history]})"
+                f"{run.label}: rigl_ds counted {run.controller_step} steps, DeepSpeed applied "
+                f"{run.global_steps - run.skipped_steps}"
             )
+        if [h[0] for h in run.history] != expected_updates(RIGL, range(run.controller_step)):
+            problems.append(f"{run.label}: updates at schedule steps {[h[0] for h in run.history]}")
         if at in run.changed_steps:
             problems.append(f"{run.label}: masks changed at overflow step {at}")
         if run.count_errors:

@@ -51,6 +51,11 @@ class SparseController:
         self.history: List[UpdateStats] = []
         self._update_after_step = False
         self._is_update_step = False
+        # What the adapter's framework counts as a step to skip for non-finite gradients, and the
+        # factor the gradients are scaled by (a loss scale). The defaults fit a loop with no loss
+        # scaler; the DeepSpeed adapter puts DeepSpeed's own overflow check and loss scale here.
+        self.overflow_check: Callable[[], bool] = lambda: not gradients_finite(self.shards, self.comm)
+        self.gradient_scale: Callable[[], float] = lambda: 1.0
         # Called with no arguments whenever the masks change (initialisation, an update, a checkpoint
         # load), before the next optimizer step: compact optimizer state re-packs itself there.
         self.mask_listeners: List[Callable[[], None]] = []
@@ -120,8 +125,9 @@ class SparseController:
         update = method.is_update_step(t, self.last_update)
         finite = True
         if update or method.tracks_gradients:
-            finite = gradients_finite(self.shards, self.comm)
+            finite = not self.overflow_check()
         if finite and method.tracks_gradients:
+            method.gradient_scale = float(self.gradient_scale())  # observed gradients are unscaled by it
             method.observe_gradients(self.shards, t)
         self._is_update_step = update and finite
         if update and not finite:
@@ -142,10 +148,19 @@ class SparseController:
             mask_gradients(self.shards)
         return run_step
 
-    def after_step(self, stepped: bool) -> None:
-        """Runs after the optimizer step (or in its place when it was skipped)."""
+    def after_step(self, stepped: bool, applied: bool = True) -> None:
+        """Runs after the optimizer step (or in its place when it was skipped). ``applied``: whether
+        the framework counts the step as taken (DeepSpeed's ``was_step_applied()``: False when its
+        loss scaler skipped the step for an overflow). The schedule, like the LR schedule, advances
+        only on applied steps, and an update due after such a step waits for the next one."""
         if stepped:
             apply_masks(self.shards)
+        if not applied:
+            if self._update_after_step:
+                self.skipped_updates += 1
+                logger.warning("rigl_ds: the framework skipped step %d (overflow); its mask update waits", self.step)
+            self._update_after_step = False
+            return
         if self._update_after_step:
             self._update(self.step)
             self._update_after_step = False

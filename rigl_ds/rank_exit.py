@@ -25,6 +25,11 @@ def end_rank(code: int = 0) -> None:
     """Runs the atexit handlers, flushes, removes DeepSpeed's shm all-reduce workspace of this rank,
     and ends the process with ``code`` before interpreter finalization. Call it only after the
     rank's work is done and written (a failing rank should raise as usual)."""
+    import threading
+
+    for thread in threading.enumerate():  # as interpreter exit would: non-daemon threads finish first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     _remove_deepspeed_shm_workspace()
     sys.stdout.flush()
@@ -43,3 +48,33 @@ def _remove_deepspeed_shm_workspace() -> None:
         os.unlink(os.path.join("/dev/shm", name))
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         pass
+
+
+_GRACE_SECONDS = 0.25
+_grace_installed = False
+
+
+def install_exit_grace() -> None:
+    """For scripts rigl_ds does not end itself (a user's script under the start-up hook): an atexit
+    handler that gives gloo's worker threads a moment, with the GIL free, to drop their last
+    references before finalization begins. atexit handlers run before CPython marks the interpreter
+    as finalizing, so a worker taking the GIL then simply waits for it. Installed once per process,
+    only where a gloo process group exists."""
+    global _grace_installed
+    if _grace_installed:
+        return
+    _grace_installed = True
+    atexit.register(_exit_grace)
+
+
+def _exit_grace() -> None:
+    import time
+
+    time.sleep(_GRACE_SECONDS)
+
+
+def uses_gloo() -> bool:
+    """Whether this process's default torch.distributed group runs (partly) on gloo."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend()).lower()

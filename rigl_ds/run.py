@@ -43,15 +43,31 @@ def main(argv: Optional[List[str]] = None) -> None:
     import rigl_ds_autohook
 
     rigl_ds_autohook.install(force_mode="sparse")
-    if as_module:
-        sys.argv = [target, *script_args]
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
-    else:
-        path = os.path.abspath(target)
-        sys.argv = [target, *script_args]
-        # As `python SCRIPT` would: the script's folder first on the path, not this process's cwd.
-        sys.path[0] = os.path.dirname(path)
-        runpy.run_path(path, run_name="__main__")
+    try:
+        if as_module:
+            sys.argv = [target, *script_args]
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            path = os.path.abspath(target)
+            sys.argv = [target, *script_args]
+            # As `python SCRIPT` would: the script's folder first on the path, not this process's cwd.
+            sys.path[0] = os.path.dirname(path)
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise
+    _end_finished_rank()
+
+
+def _end_finished_rank() -> None:
+    """The script finished: a rank with a gloo group ends before interpreter finalization, where a
+    gloo worker thread can abort it after a successful run (see ``rigl_ds.rank_exit``)."""
+    if "torch" not in sys.modules:
+        return
+    from rigl_ds import rank_exit
+
+    if rank_exit.uses_gloo():
+        rank_exit.end_rank(0)
 
 
 if __name__ == "__main__":

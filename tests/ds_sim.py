@@ -105,10 +105,15 @@ def train(
     save_dir: str = None,
     load_dir: str = None,
     keep_copies: bool = False,
+    batches: list = None,
+    inject_inf: tuple = None,
     **extra,
 ) -> Dict[str, Any]:
     """Runs on each gloo rank; returns this rank's shards, the whole masks after every step, and
-    how many masked entries were non-zero in any copy of any weight after every step."""
+    how many masked entries were non-zero in any copy of any weight after every step.
+
+    ``batches``: which batch each step feeds (default: step i feeds batch i). ``inject_inf=(parameter
+    name, step, rank)``: that parameter's gradient is inf on that rank at that step (an overflow)."""
     import rigl_ds
     from rigl_ds.lm.models import lm_loss
 
@@ -123,17 +128,28 @@ def train(
     accumulate = extra.get("gradient_accumulation_steps", 1)
     start = 0
     masks_at_load = None
+    poison = {"on": False}
+    if inject_inf is not None:
+        import torch.distributed as dist
+
+        target = names[0] if inject_inf[0] == "first_masked" else inject_inf[0]
+        if dist.get_rank() == inject_inf[2]:
+            dict(engine.module.named_parameters())[target].register_hook(
+                lambda grad: torch.full_like(grad, float("inf")) if poison["on"] else None
+            )
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
         start = engine.global_steps
         masks_at_load = full_masks(sparse)
     losses, masks_per_step, violations, copies_per_step = [], [], [], []
     for step in range(start, steps):
-        x = batch(family, step)
+        x = batch(family, step if batches is None else batches[step])
+        poison["on"] = inject_inf is not None and step == inject_inf[1]
         loss = lm_loss(engine, x)
         engine.backward(loss)
         if managed or (step + 1) % accumulate == 0:  # unmanaged: the script's step() is the boundary
             engine.step()
+        poison["on"] = False
         losses.append(float(loss.detach()))
         masks = full_masks(sparse)
         masks_per_step.append(masks)
@@ -158,6 +174,9 @@ def train(
         "final": full_copies(engine, stage, names),
         "copies": copies_per_step,
         "masks_at_load": masks_at_load,
+        "skipped_steps": int(engine.skipped_steps),
+        "controller_step": int(sparse.controller.step),
+        "skipped_updates": int(sparse.controller.skipped_updates),
     }
 
 

@@ -141,6 +141,14 @@ VARIANTS = {
     ),
     "static_stage3": dict(stage=3, dtype="fp32", rigl={"method": "static", "sparsity": 0.7}),
     "no_skip_stage2": dict(stage=2, dtype="fp32", rigl={**ds_sim.RIGL, "skip_optimizer_step_on_update": False}),
+    # Every parameter persistent (kept gathered between steps): SET's after-step updates must reach
+    # the gathered copies too, not only the partitions.
+    "persistent_set_stage3": dict(
+        stage=3,
+        dtype="bf16",
+        rigl={**ds_sim.RIGL, "method": "set"},
+        zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 10**9},
+    ),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import checkpoint, faults
+from .. import checkpoint, faults, rank_exit
 from ..adapter import UpdateWatch, mark_step_skipped, plan_for_model, start_controller
 from ..compact import CompactAdam, CompactOptimizer, CompactSGD
 from ..config import RigLConfig, RigLConfigError, load_config
@@ -118,6 +118,9 @@ class SparseEngine:
             defer_total_steps=defer_total_steps,
             on_masks_changed=repack,
         )
+        # DeepSpeed's own overflow check and loss scale, so rigl_ds skips exactly the steps it skips.
+        self.controller.overflow_check = self.zero.gradients_overflow
+        self.controller.gradient_scale = self.zero.gradient_scale
         self.zero.refresh_low_precision()
         self._skip_optimizer = False
         # Not engine.step: PipelineEngine.train_batch calls _take_model_step itself, and without
@@ -132,6 +135,8 @@ class SparseEngine:
         engine.save_checkpoint = self.save_checkpoint
         engine.load_checkpoint = self.load_checkpoint
         engine.rigl = self
+        if rank_exit.uses_gloo():
+            rank_exit.install_exit_grace()  # see rigl_ds/rank_exit.py: gloo threads at interpreter exit
 
     @property
     def layout(self) -> str:
@@ -141,7 +146,8 @@ class SparseEngine:
     # -- the step ------------------------------------------------------------------------------
     def _take_model_step(self, *args: Any, **kwargs: Any):
         """DeepSpeed's optimizer step (clipping, optimizer, LR scheduler, step counters) with the
-        controller around it: masks gradients and updates masks before, re-masks after."""
+        controller around it: masks gradients and updates masks before, re-masks after. A step
+        DeepSpeed skips for an overflow is one rigl_ds skips too (no update, no schedule advance)."""
         updated = UpdateWatch(self.controller)
         run = self.controller.before_step()
         self._skip_optimizer = not run
@@ -152,7 +158,9 @@ class SparseEngine:
             self._skip_optimizer = False
         self.zero.link_optimizer_state()
         updated_after_step = UpdateWatch(self.controller)
-        self.controller.after_step(run)
+        # DeepSpeed's applied-step signal: False when its loss scaler skipped the step (overflow).
+        applied = bool(getattr(self.engine, "_step_applied", True))
+        self.controller.after_step(run, applied=applied)
         if updated_after_step.changed():
             self.zero.refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
         if updated.changed():

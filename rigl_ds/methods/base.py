@@ -75,6 +75,10 @@ class SparseMethod:
         soon as backward produces them, so clipping and logging see the sparse model's gradients)."""
         return self.tracks_gradients or (self.uses_gradients and self.is_update_step(step, last_update))
 
+    #: What the gradients ``observe_gradients`` sees are scaled by (DeepSpeed's fp16 loss scale; set
+    #: by the controller before each call): divide by it to observe the true gradient.
+    gradient_scale: float = 1.0
+
     def observe_gradients(self, shards: Sequence[Shard], step: int) -> None:
         """Called every step with the dense gradients, before masked entries are zeroed."""
 

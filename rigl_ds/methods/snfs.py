@@ -21,11 +21,13 @@ class SNFSMethod(DropGrowMethod):
 
     def observe_gradients(self, shards: Sequence[Shard], step: int) -> None:
         decay = self.config.grad_ema_decay
+        # Loss-scaled gradients (fp16) would re-weight the history at every change of the scale.
+        weight = (1.0 - decay) / self.gradient_scale
         for s, g in zip(shards, dense_gradients(shards, self.name, step)):
             ema = self._ema.get(s.layer.name)
             if ema is None:
                 ema = self._ema[s.layer.name] = torch.zeros(s.numel, dtype=torch.float32, device=g.device)
-            ema.mul_(decay).add_(g.float(), alpha=1.0 - decay)
+            ema.mul_(decay).add_(g.float(), alpha=weight)
 
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
         return [

@@ -86,6 +86,27 @@ class ZeroLayout:
         """After the masks changed outside DeepSpeed's step: low-precision copies must show them.
         The shard views write them directly (``extra_copies``) unless the layout says otherwise."""
 
+    # -- DeepSpeed's step signals -------------------------------------------------------------
+    def gradients_overflow(self) -> bool:
+        """Whether DeepSpeed's step will find non-finite gradients (and skip, where its optimizer
+        checks): any non-finite gradient of any parameter on any data-parallel rank, not only of
+        masked layers. Layouts whose DeepSpeed optimizer has its own check use that one."""
+        bad = 0
+        for p in self.engine.module.parameters():
+            g = p.grad
+            if g is not None and not bool(torch.isfinite(g).all()):
+                bad += 1
+        for flat in getattr(self.engine.optimizer, "fp32_groups_gradients_flat", None) or ():
+            if flat is not None and not bool(torch.isfinite(flat).all()):
+                bad += 1
+        return int(self.comm.all_reduce_sum(torch.tensor([bad], dtype=torch.long)).item()) > 0
+
+    def gradient_scale(self) -> float:
+        """The factor the gradients seen before DeepSpeed's step carry: its fp16 loss scale."""
+        if not self.engine.fp16_enabled():
+            return 1.0
+        return float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
+
 
 class WholeLayout(ZeroLayout):
     """ZeRO-0: every rank holds whole parameters (fp32), or whole fp32 masters of bf16 ones."""
@@ -133,6 +154,13 @@ class FragmentLayout(ZeroLayout):
         self.engine.optimizer._hp_optimizer_states_linked = False
         self.engine.optimizer._lazy_init_hp_params_optimizer_state()
 
+    def gradients_overflow(self) -> bool:
+        """ZeRO-1/2's own check (the reduced gradient partitions, or the offload flag), when it has one."""
+        check = getattr(self.engine.optimizer, "has_overflow", None)
+        if check is None:
+            return super().gradients_overflow()
+        return bool(check(partition_gradients=getattr(self.engine.optimizer, "partition_gradients", True)))
+
 
 class Stage3Layout(ZeroLayout):
     """ZeRO-3: each rank's slice of every partitioned parameter, padding excluded."""
@@ -158,6 +186,34 @@ class Stage3Layout(ZeroLayout):
                 continue  # already stepped: leave DeepSpeed's tensors as they are
             lp.ds_id = hp.ds_id  # the optimizer swapper and step key sub-groups by it
             hps[i] = lp
+
+    def gradients_overflow(self) -> bool:
+        """ZeRO-3's own check of the reduced gradient partitions. It clears the flag that its
+        gradient reduction accumulates (kept for offload); keep it for DeepSpeed's own check."""
+        opt = self.engine.optimizer
+        tracker = getattr(opt, "inf_or_nan_tracker", None)
+        saved = tracker.clone() if isinstance(tracker, torch.Tensor) else None
+        overflow = bool(opt.has_overflow(partition_gradients=True))
+        if saved is not None:
+            opt.inf_or_nan_tracker.copy_(saved)
+        return overflow
+
+    def refresh_low_precision(self) -> None:
+        """The shard views write each rank's partition, but two copies live on past it until
+        DeepSpeed's next step (and an fp16 overflow step skips that): persistent parameters (at or
+        under ``stage3_param_persistence_threshold``) stay gathered, and hpZ keeps secondary
+        partitions. Re-gather the former, drop the latter, after any mask write outside the step."""
+        opt = self.engine.optimizer
+        masked = {id(s.param) for s in self.shards if getattr(s, "param", None) is not None}
+        persistent = [p for p in getattr(opt, "persistent_parameters", ()) if id(p) in masked]
+        if persistent:
+            # all_gather skips parameters it holds gathered: release the stale copies first (partition()
+            # of an unchanged parameter frees the gathered tensor and writes nothing back).
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
+        invalidate = getattr(opt, "invalidate_secondary_tensor", None)
+        if invalidate is not None:
+            invalidate()
 
 
 def zero_layout(
