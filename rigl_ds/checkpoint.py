@@ -5,14 +5,19 @@ Layout, inside a checkpoint's tag folder (beside DeepSpeed's own files)::
 
     <tag>/rigl_ds/rank00000.pt ...   one state file per saving rank (masks and method state of its
                                      ranges, plus "ranges", "shapes", "world_size", "format")
-    <tag>/rigl_ds/complete.json      the completeness record: world size, each rank file's size and
-                                     sha256, and DeepSpeed's files with their sizes
+    <tag>/rigl_ds/stage01-rank00000.pt ...
+                                     the same, named by the rank's full coordinates (pipeline stage,
+                                     data-parallel rank) when the engine is pipelined: every stage
+                                     repeats the data-parallel ranks (plus "stage", "num_stages")
+    <tag>/rigl_ds/complete.json      the completeness record: world size (data-parallel, per stage),
+                                     number of pipeline stages (pipelined engines only), each rank
+                                     file's size and sha256, and DeepSpeed's files with their sizes
 
 Saves are crash-consistent: each file is written under a temporary name, fsync'd and renamed into
-place; ``complete.json`` is written only once every rank's file (and DeepSpeed's) is in place, and
-``<save_dir>/latest`` moves to the tag only after that. A checkpoint without the record is one
-whose save did not finish, unless it predates the record (legacy: accepted, with a warning, when
-every rank file its world size names exists and loads).
+place; ``complete.json`` is written only once every rank's file (and DeepSpeed's) is in place, of
+every pipeline stage, and ``<save_dir>/latest`` moves to the tag only after that. A checkpoint
+without the record is one whose save did not finish, unless it predates the record (legacy:
+accepted, with a warning, when every rank file its world size names exists and loads).
 
 Pure torch + torch.distributed: the DeepSpeed save is handed in as a callable.
 """
@@ -51,8 +56,26 @@ class CheckpointWriteError(RuntimeError):
     """A save that failed on some rank: no completeness record and no ``latest`` were written."""
 
 
-def rank_file(rank: int) -> str:
-    return f"rank{rank:05d}.pt"
+class CheckpointLayoutError(ValueError):
+    """A complete checkpoint this run cannot read: saved by a pipeline of another number of stages (or
+    none), or with the layers cut into stages differently. The message names both layouts."""
+
+
+def rank_file(rank: int, stage: Optional[int] = None) -> str:
+    """A rank file's name: its data-parallel rank, after its pipeline stage when the engine is pipelined
+    (``stage`` None: not pipelined, the names of checkpoints saved before pipelines were supported)."""
+    return f"rank{rank:05d}.pt" if stage is None else f"stage{stage:02d}-rank{rank:05d}.pt"
+
+
+def rank_files(world_size: int, num_stages: Optional[int] = None) -> List[str]:
+    """Every rank file of a save, stage by stage, then in data-parallel rank order."""
+    if num_stages is None:
+        return [rank_file(r) for r in range(world_size)]
+    return [rank_file(r, s) for s in range(num_stages) for r in range(world_size)]
+
+
+def _describe(num_stages: Optional[int]) -> str:
+    return "an engine that is not pipelined" if num_stages is None else f"a pipeline of {num_stages} stages"
 
 
 def rigl_folder(tag_dir: str) -> str:
@@ -78,6 +101,8 @@ def save(
     save_latest: bool = True,
     save_deepspeed: Optional[Callable[[], Any]] = None,
     record_deepspeed_files: bool = True,
+    stage: Optional[int] = None,
+    num_stages: Optional[int] = None,
 ) -> Any:
     """Saves this rank's state under ``<save_dir>/<tag>/rigl_ds`` in the order that makes the
     checkpoint crash-consistent; collective (every process of the default group calls it).
@@ -88,9 +113,14 @@ def save(
     ``complete.json`` atomically; 5. with ``save_latest``, rank 0 then points ``latest`` at the tag.
     A failure on any rank stops every rank with ``CheckpointWriteError`` before steps 4/5.
 
-    ``rank`` / ``world_size`` are the saved layout's (the data-parallel group's); ``writes`` is
-    False on processes holding a replica another process writes (ZeRO-0). Returns what
-    ``save_deepspeed`` returned."""
+    ``rank`` / ``world_size`` are the saved layout's (the data-parallel group's, within the stage);
+    ``stage`` / ``num_stages`` this process's pipeline stage and the pipeline's length (None when not
+    pipelined): the record then waits for every stage's files. ``writes`` is False on processes
+    holding a replica another process writes (ZeRO-0). Returns what ``save_deepspeed`` returned."""
+    if (stage is None) != (num_stages is None) or (stage is not None and not 0 <= stage < num_stages):
+        raise ValueError(
+            f"checkpoint.save: stage {stage}, num_stages {num_stages}: give both (0 <= stage < num_stages) or neither"
+        )
     tag = str(tag)
     tag_dir = os.path.join(save_dir, tag)
     folder = os.path.join(tag_dir, FOLDER)
@@ -106,18 +136,22 @@ def save(
         payload.update(
             ranges=dict(ranges), shapes={k: tuple(v) for k, v in shapes.items()}, world_size=world_size, format=FORMAT
         )
+        if num_stages is not None:
+            payload.update(stage=stage, num_stages=num_stages)
+        name = rank_file(rank, stage)
         try:
             os.makedirs(folder, exist_ok=True)
-            entry = {"file": rank_file(rank), **write_rank_file(os.path.join(folder, rank_file(rank)), payload)}
+            entry = {"file": name, **write_rank_file(os.path.join(folder, name), payload)}
         except Exception as exc:  # reported to every rank below, then raised there
-            error = f"{os.path.join(folder, rank_file(rank))}: {exc!r}"
+            error = f"{os.path.join(folder, name)}: {exc!r}"
+    # Over the whole job (every pipeline stage): the record below waits for every stage's files.
     reports = _all_gather({"entry": entry, "error": error})
     _raise_failures(reports, "writing the rigl_ds rank files", tag_dir)
 
     error = None
     if global_rank() == 0:
         entries = [r["entry"] for r in reports if r["entry"] is not None]
-        error = _attempt(lambda: _write_record(tag_dir, tag, world_size, entries, record_deepspeed_files))
+        error = _attempt(lambda: _write_record(tag_dir, tag, world_size, entries, record_deepspeed_files, num_stages))
     _raise_failures(_all_gather({"error": error}), "writing the completeness record", tag_dir)
 
     if save_latest:
@@ -150,7 +184,12 @@ def write_latest(save_dir: str, tag: str) -> None:
 
 
 def _write_record(
-    tag_dir: str, tag: str, world_size: int, entries: List[Dict[str, Any]], record_deepspeed_files: bool
+    tag_dir: str,
+    tag: str,
+    world_size: int,
+    entries: List[Dict[str, Any]],
+    record_deepspeed_files: bool,
+    num_stages: Optional[int] = None,
 ) -> None:
     files: Dict[str, Dict[str, Any]] = {}
     for e in entries:
@@ -158,12 +197,15 @@ def _write_record(
         if e["file"] in files and files[e["file"]] != info:
             raise CheckpointWriteError(f"two processes wrote {e['file']} with different contents")
         files[e["file"]] = info
-    expected = {rank_file(r) for r in range(world_size)}
+    expected = set(rank_files(world_size, num_stages))
     if set(files) != expected:
         raise CheckpointWriteError(
             f"the saving ranks wrote {sorted(files)}, expected {sorted(expected)} for world size {world_size}"
+            + ("" if num_stages is None else f" and {num_stages} pipeline stages")
         )
     record: Dict[str, Any] = {"format": FORMAT, "tag": tag, "world_size": world_size, "files": files}
+    if num_stages is not None:  # absent for an engine that is not pipelined, as before pipelines were supported
+        record["num_stages"] = num_stages
     # DeepSpeed's files, as they stand after its save returned on every rank: made durable here and
     # listed, so that ``is_complete`` can tell when one has since gone missing or been cut short.
     record["deepspeed_files"] = _deepspeed_files(tag_dir, fsync=True) if record_deepspeed_files else None
@@ -190,8 +232,8 @@ def _deepspeed_files(tag_dir: str, fsync: bool = False) -> Dict[str, int]:
 # -- verifying -------------------------------------------------------------------------------------
 @dataclass
 class Manifest:
-    """A verified rigl_ds folder: its rank files in rank order, with their recorded size and sha256
-    (None for a legacy checkpoint)."""
+    """A verified rigl_ds folder: its rank files in (stage, rank) order, with their recorded size and
+    sha256 (None for a legacy checkpoint). ``num_stages``: None unless a pipeline saved it."""
 
     folder: str
     world_size: int
@@ -199,9 +241,18 @@ class Manifest:
     entries: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
     deepspeed_files: Optional[Dict[str, int]] = None
     legacy: bool = False
+    num_stages: Optional[int] = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
+
+    def stage_files(self, stage: Optional[int]) -> List[str]:
+        """One pipeline stage's rank files in rank order (every file when ``stage`` is None)."""
+        if stage is None:
+            return list(self.files)
+        if self.num_stages is None or not 0 <= stage < self.num_stages:
+            raise CheckpointLayoutError(f"{self.folder} was saved by {_describe(self.num_stages)}: no stage {stage}")
+        return [rank_file(r, stage) for r in range(self.world_size)]
 
 
 def verify(folder: str, checksums: bool = False) -> Manifest:
@@ -217,13 +268,15 @@ def verify(folder: str, checksums: bool = False) -> Manifest:
         with open(record_path) as f:
             record = json.load(f)
         world_size, entries = int(record["world_size"]), record["files"]
+        num_stages = None if record.get("num_stages") is None else int(record["num_stages"])
     except (ValueError, KeyError, TypeError) as exc:
         raise IncompleteCheckpointError(f"{record_path} is unreadable: {exc}") from None
-    files = [rank_file(r) for r in range(world_size)]
+    files = rank_files(world_size, num_stages)
     for name in files:
         path = os.path.join(folder, name)
         if name not in entries:
-            raise IncompleteCheckpointError(f"{record_path} does not list {name} (world size {world_size})")
+            stages = "" if num_stages is None else f", {num_stages} pipeline stages"
+            raise IncompleteCheckpointError(f"{record_path} does not list {name} (world size {world_size}{stages})")
         if not os.path.isfile(path):
             raise IncompleteCheckpointError(f"{path} is missing (listed in {record_path})")
         size = os.path.getsize(path)
@@ -233,13 +286,15 @@ def verify(folder: str, checksums: bool = False) -> Manifest:
             )
         if checksums and _sha256(path) != entries[name]["sha256"]:
             raise IncompleteCheckpointError(f"{path}: sha256 differs from the completeness record's")
-    return Manifest(folder, world_size, files, {n: entries[n] for n in files}, record.get("deepspeed_files"))
+    return Manifest(
+        folder, world_size, files, {n: entries[n] for n in files}, record.get("deepspeed_files"), num_stages=num_stages
+    )
 
 
 def _verify_legacy(folder: str) -> Manifest:
     """Written before completeness records: accept only if every rank file the saved world size
     names exists and loads. A format-2 rank file without a record is an unfinished save."""
-    present = sorted(f for f in os.listdir(folder) if re.fullmatch(r"rank\d{5}\.pt", f))
+    present = sorted(f for f in os.listdir(folder) if re.fullmatch(r"(stage\d{2,}-)?rank\d{5}\.pt", f))
     if not present:
         raise IncompleteCheckpointError(f"{folder} holds neither {RECORD} nor any rank file: the save did not finish")
     first = _load_file(os.path.join(folder, present[0]), None)
@@ -327,31 +382,53 @@ def read_latest(save_dir: str) -> Optional[str]:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def load_rank_state(tag_dir: str, rank: int, ranges: Ranges) -> Dict[str, Any]:
-    """The state for a process holding ``ranges`` as saving rank ``rank`` would: its own file when
-    the saved ranges are the same, else cut from every saved rank's file (another world size or
-    layout). Verifies completeness first, and the sha256 of every file it reads."""
+def load_rank_state(
+    tag_dir: str, rank: int, ranges: Ranges, stage: Optional[int] = None, num_stages: Optional[int] = None
+) -> Dict[str, Any]:
+    """The state for a process holding ``ranges`` as saving rank ``rank`` of pipeline stage ``stage``
+    (None: not pipelined) would: its own file when the saved ranges are the same, else cut from every
+    file of its stage (another data-parallel world size or layout). Verifies completeness first (every
+    stage's files), and the sha256 of every file it reads. Raises ``CheckpointLayoutError`` when the
+    checkpoint was saved by another number of pipeline stages, or its stage holds other layers."""
     manifest = verify(rigl_folder(tag_dir))
+    if manifest.num_stages != num_stages:
+        # Each stage's file holds the masks, pool counts and method state of the layers that stage
+        # held; DeepSpeed's optimizer state is per stage too. Another cut has no file to read.
+        raise CheckpointLayoutError(
+            f"{tag_dir} was saved by {_describe(manifest.num_stages)} (this run: {_describe(num_stages)}); "
+            "rigl_ds loads a pipeline checkpoint only with the number of pipeline stages it was saved with"
+        )
     ranges = {k: tuple(v) for k, v in ranges.items()}
-    name = rank_file(rank) if rank < manifest.world_size else manifest.files[0]
+    files = manifest.stage_files(stage)
+    name = rank_file(rank, stage) if rank < manifest.world_size else files[0]
     state = _load_file(manifest.path(name), manifest.entries[name])
-    if {k: tuple(v) for k, v in state.get("ranges", {}).items()} == ranges:
+    saved = {k: tuple(v) for k, v in state.get("ranges", {}).items()}
+    if stage is not None and set(saved) != set(ranges):
+        raise CheckpointLayoutError(
+            f"{manifest.path(name)} holds the masks of {sorted(saved)}, this run's pipeline stage {stage} masks "
+            f"{sorted(ranges)}: the model is cut into stages differently from the saved run (or rigl.modules changed)"
+        )
+    if saved == ranges:
         return state
-    return reslice(manifest, ranges, state)
+    return reslice(manifest, ranges, state, stage=stage)
 
 
-def iter_rank_states(manifest: Manifest) -> Iterator[Dict[str, Any]]:
-    """Every saved rank's state in rank order, one in memory at a time, each checked against the record."""
-    for name in manifest.files:
+def iter_rank_states(manifest: Manifest, stage: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """Every saved rank's state in (stage, rank) order, or one pipeline stage's, one in memory at a
+    time, each checked against the record."""
+    for name in manifest.stage_files(stage):
         yield _load_file(manifest.path(name), manifest.entries[name])
 
 
-def reslice(manifest: Manifest, ranges: Ranges, template: Dict[str, Any]) -> Dict[str, Any]:
-    """Masks and per-entry method state for ``ranges``, cut from every saved rank's ranges; the rest
-    of the state (step, counts, config) from ``template``."""
+def reslice(
+    manifest: Manifest, ranges: Ranges, template: Dict[str, Any], stage: Optional[int] = None
+) -> Dict[str, Any]:
+    """Masks and per-entry method state for ``ranges``, cut from every saved rank's ranges (of
+    pipeline stage ``stage``, which alone holds those layers); the rest of the state (step, counts,
+    config) from ``template``."""
     masks = {name: torch.zeros(numel, dtype=torch.bool) for name, (_, numel) in ranges.items()}
     method: Dict[str, torch.Tensor] = {}
-    for saved in iter_rank_states(manifest):
+    for saved in iter_rank_states(manifest, stage):
         for name, (offset, want) in ranges.items():
             start, numel = saved["ranges"][name]
             lo, hi = max(start, offset), min(start + numel, offset + want)
@@ -371,7 +448,8 @@ def reslice(manifest: Manifest, ranges: Ranges, template: Dict[str, Any]) -> Dic
 
 
 def whole_masks(folder: str) -> Dict[str, torch.Tensor]:
-    """Every masked layer's whole mask, shaped like its weight, from a verified rigl_ds folder."""
+    """Every masked layer's whole mask, shaped like its weight, from a verified rigl_ds folder (of
+    every pipeline stage: each stage's files hold its own layers)."""
     manifest = verify(folder)
     masks: Dict[str, torch.Tensor] = {}
     covered: Dict[str, torch.Tensor] = {}

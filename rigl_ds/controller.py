@@ -148,12 +148,13 @@ class SparseController:
             mask_gradients(self.shards)
         return run_step
 
-    def after_step(self, stepped: bool, applied: bool = True) -> None:
+    def after_step(self, stepped: bool, applied: bool = True, mask_weights: bool = True) -> None:
         """Runs after the optimizer step (or in its place when it was skipped). ``applied``: whether
         the framework counts the step as taken (DeepSpeed's ``was_step_applied()``: False when its
         loss scaler skipped the step for an overflow). The schedule, like the LR schedule, advances
-        only on applied steps, and an update due after such a step waits for the next one."""
-        if stepped:
+        only on applied steps, and an update due after such a step waits for the next one.
+        ``mask_weights=False``: the adapter has re-masked what the optimizer stepped itself."""
+        if stepped and mask_weights:
             apply_masks(self.shards)
         if not applied:
             if self._update_after_step:

@@ -7,6 +7,11 @@ Writes OUTPUT_DIR/model.safetensors (every parameter in fp32: the fp32 master of
 module's own weights of ZeRO-0), masks.safetensors (uint8, one per masked
 weight), sparsity_report.json, and config.json copied from --config-from (a Hugging Face model
 directory) so that ``from_pretrained(OUTPUT_DIR)`` works.
+
+A pipeline-parallel checkpoint (``PipelineModule``) is assembled from every stage: the masks from
+each stage's rank files, the weights from DeepSpeed's per-layer files, each replaced by its fp32
+master where the stage's optimizer keeps one (ZeRO-1, bf16), which ``zero_to_fp32`` does not read
+for pipelines.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -36,8 +42,10 @@ def whole_masks(folder: str) -> Dict[str, torch.Tensor]:
     return checkpoint.whole_masks(folder)
 
 
-def _weights(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+def _weights(checkpoint_dir: str, tag: str, pipelined: bool = False) -> Dict[str, torch.Tensor]:
     folder = os.path.join(checkpoint_dir, tag)
+    if pipelined:
+        return _pipeline_weights(folder)
     if any(f.endswith("optim_states.pt") and "zero_pp" in f for f in os.listdir(folder)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -45,6 +53,63 @@ def _weights(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     # ZeRO-0: the module's weights are whole in the model-states file.
     state = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in state["module"].items()}
+
+
+# DeepSpeed's pipeline checkpoint files: one per layer of the whole model (PipelineModule.ckpt_layer_path,
+# no tensor slicing), and per stage ("mp_rank" counts pipeline stages) its model states and, where its
+# optimizer partitions fp32 masters over the data-parallel ranks, one optimizer file per rank.
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt")
+_STAGE_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+
+
+def _pipeline_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """Every stage's parameters, named as in the ``PipelineModule`` ("<layer index>.<key>"): the
+    module's own weights from the per-layer files, then the fp32 masters where a stage has them."""
+    names = sorted(os.listdir(folder))
+    weights: Dict[str, torch.Tensor] = {}
+    for name in names:
+        match = _LAYER_FILE.fullmatch(name)
+        if match:
+            state = _load(os.path.join(folder, name))
+            weights.update({f"{int(match.group(1))}.{k}": v.float() for k, v in state.items()})
+    if not weights:
+        raise FileNotFoundError(f"{folder} holds no pipeline layer files (layer_NN-model_states.pt)")
+    for name in names:
+        match = _STAGE_FILE.fullmatch(name)
+        if match:
+            dp_world = int(_load(os.path.join(folder, name))["dp_world_size"])
+            for param, master in _stage_masters(folder, match.group(1), dp_world).items():
+                if param not in weights or weights[param].numel() != master.numel():
+                    raise ValueError(f"{folder}: the fp32 master of {param!r} matches no layer file's parameter")
+                weights[param] = master.view(weights[param].shape)
+    return weights
+
+
+def _stage_masters(folder: str, mp_rank: str, dp_world: int) -> Dict[str, torch.Tensor]:
+    """One stage's fp32 masters, flattened: each parameter's fragments in data-parallel rank order (a
+    ZeRO partition cuts the flat group in rank order). Empty where the stage keeps none (ZeRO-0 fp32)."""
+    partitions: List[Dict[str, Any]] = []
+    for rank in range(dp_world):
+        found = [
+            os.path.join(folder, f"{prefix}zero_pp_rank_{rank}_mp_rank_{mp_rank}_optim_states.pt")
+            for prefix in ("", "bf16_")
+        ]
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            if rank == 0:
+                return {}
+            raise FileNotFoundError(f"{folder}: no optimizer file of data-parallel rank {rank} (mp_rank_{mp_rank})")
+        partitions.append(_load(found[0])["optimizer_state_dict"])
+    fragments: Dict[str, List[torch.Tensor]] = {}
+    for state in partitions:
+        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for param, address in mapping.items():
+                fragments.setdefault(param, []).append(flat.narrow(0, address.start, address.numel))
+    return {param: torch.cat(parts).float() for param, parts in fragments.items()}
+
+
+def _load(path: str) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def export(checkpoint_dir: str, output_dir: str, tag: Optional[str] = None, config_from: Optional[str] = None):
@@ -56,8 +121,9 @@ def export(checkpoint_dir: str, output_dir: str, tag: Optional[str] = None, conf
     complete, reason = checkpoint.is_complete(tag_dir, checksums=False)  # whole_masks checks each file it reads
     if not complete:
         raise checkpoint.IncompleteCheckpointError(f"not exporting {tag_dir}: {reason}")
-    masks = whole_masks(checkpoint.rigl_folder(tag_dir))
-    weights = _weights(checkpoint_dir, tag)
+    folder = checkpoint.rigl_folder(tag_dir)
+    masks = whole_masks(folder)
+    weights = _weights(checkpoint_dir, tag, pipelined=checkpoint.verify(folder).num_stages is not None)
     layers, total, active = [], 0, 0
     for name, mask in masks.items():
         if name not in weights:

@@ -141,7 +141,7 @@ def train(
         engine.load_checkpoint(load_dir)
         start = engine.global_steps
         masks_at_load = full_masks(sparse)
-    losses, masks_per_step, violations, copies_per_step = [], [], [], []
+    losses, masks_per_step, violations, copies_per_step, grad_norms = [], [], [], [], []
     for step in range(start, steps):
         x = batch(family, step if batches is None else batches[step])
         poison["on"] = inject_inf is not None and step == inject_inf[1]
@@ -151,6 +151,8 @@ def train(
             engine.step()
         poison["on"] = False
         losses.append(float(loss.detach()))
+        norm = engine.get_global_grad_norm()
+        grad_norms.append(None if norm is None else float(norm))
         masks = full_masks(sparse)
         masks_per_step.append(masks)
         copies = full_copies(engine, stage, names)
@@ -174,6 +176,7 @@ def train(
         "final": full_copies(engine, stage, names),
         "copies": copies_per_step,
         "masks_at_load": masks_at_load,
+        "grad_norms": grad_norms,
         "skipped_steps": int(engine.skipped_steps),
         "controller_step": int(sparse.controller.step),
         "skipped_updates": int(sparse.controller.skipped_updates),

@@ -155,6 +155,12 @@ REFUSED = {
     "expert_params": (dict(), {}, _expert_params_model, r"allreduce=False"),
     "nvme_optimizer": (dict(), _nvme("offload_optimizer"), None, r"zero_optimization\.offload_optimizer\.device"),
     "nvme_param": (dict(), _nvme("offload_param"), None, r"zero_optimization\.offload_param\.device"),
+    "partial_offload": (
+        dict(),
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+        None,
+        r"zero_optimization\.offload_optimizer\.ratio",
+    ),
 }
 
 
@@ -189,3 +195,23 @@ def test_a_pipeline_grid_with_no_tensor_slicing_is_not_taken_for_tensor_parallel
             return 1
 
     _refuse_unsupported(ds_sim.ds_config(1, "fp32", ds_sim.RIGL), ds_sim.tiny_model("gpt2"), PipeGrid(4))
+
+
+def test_fp16_stage0_with_deepspeeds_fused_optimizer_is_refused_by_name():
+    """On CUDA an "optimizer" block gives FusedAdam under FP16_Optimizer, whose flat fp32 masters have
+    no per-parameter view (cluster-review C8); fp16 is GPU-only, so the engine is stood in for."""
+    from rigl_ds.zero import zero_layout
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    config = load_config({"method": "rigl", "sparsity": 0.5, "end_step": 10})
+    weights = {"0.weight": model[0].weight, "1.weight": model[1].weight}
+    plan = build_plan(config, {n: tuple(p.shape) for n, p in weights.items()})
+    fused = types.SimpleNamespace(fp16_groups=[list(weights.values())], fp32_groups_flat=[torch.zeros(96)])
+    engine = types.SimpleNamespace(
+        zero_optimization_stage=lambda: 0,
+        fp16_enabled=lambda: True,
+        optimizer=fused,
+        basic_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
+    with pytest.raises(RigLConfigError, match=r"fp16 with zero_optimization.stage 0 .*FusedAdam"):
+        zero_layout(engine, plan, weights)

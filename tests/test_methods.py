@@ -504,3 +504,18 @@ def test_with_gradient_accumulation_rigl_grows_by_the_accumulated_dense_gradient
         not_chosen = ~sparse.masks[n] & ~old[n]
         assert float(grad[n][grown].min()) >= float(grad[n][not_chosen].max())
     assert sparse.step_count == 1
+
+
+def test_snfs_state_loads_beside_the_shards_it_scores():
+    """A checkpoint is read to the CPU; the moving average must go where the shard lives (a GPU in
+    real runs; the meta device stands in for "not the CPU" here)."""
+    from types import SimpleNamespace
+
+    from rigl_ds.methods import METHODS
+
+    model, opt, sparse = make({"method": "snfs", "delta_t": 5, "end_step": 100})
+    method = METHODS["snfs"](sparse.config, sparse.plan, 100)
+    shard = SimpleNamespace(layer=SimpleNamespace(name="fc1.weight"), numel=6, device=torch.device("meta"))
+    method.load_state_dict({"grad_ema.fc1.weight": torch.ones(6, dtype=torch.bfloat16)}, [shard])
+    ema = method.state_dict([shard])["grad_ema.fc1.weight"]
+    assert ema.device.type == "meta" and ema.dtype == torch.float32 and ema.numel() == 6

@@ -23,7 +23,7 @@ from .. import checkpoint, faults, rank_exit
 from ..adapter import UpdateWatch, mark_step_skipped, plan_for_model, start_controller
 from ..compact import CompactAdam, CompactOptimizer, CompactSGD
 from ..config import RigLConfig, RigLConfigError, load_config
-from ..masks import apply_masks
+from ..masks import keep_active
 
 logger = logging.getLogger("rigl_ds")
 
@@ -129,6 +129,7 @@ class SparseEngine:
         self._engine_take_model_step = engine._take_model_step
         self._basic = engine.basic_optimizer
         self._basic_step = self._basic.step
+        self._preserves_zeros = preserves_zeros(self._basic)
         engine._take_model_step = self._take_model_step
         self._basic.step = self._wrapped_basic_step
         self._save, self._load = engine.save_checkpoint, engine.load_checkpoint
@@ -150,6 +151,8 @@ class SparseEngine:
         DeepSpeed skips for an overflow is one rigl_ds skips too (no update, no schedule advance)."""
         updated = UpdateWatch(self.controller)
         run = self.controller.before_step()
+        if run:
+            self.zero.gradients_masked()
         self._skip_optimizer = not run
         faults.maybe_fail("mid-step", self.controller.step)
         try:
@@ -160,7 +163,7 @@ class SparseEngine:
         updated_after_step = UpdateWatch(self.controller)
         # DeepSpeed's applied-step signal: False when its loss scaler skipped the step (overflow).
         applied = bool(getattr(self.engine, "_step_applied", True))
-        self.controller.after_step(run, applied=applied)
+        self.controller.after_step(run, applied=applied, mask_weights=False)  # _wrapped_basic_step masked them
         if updated_after_step.changed():
             self.zero.refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
         if updated.changed():
@@ -181,7 +184,10 @@ class SparseEngine:
             mark_step_skipped(self._basic)  # a deliberate skip (RigL update step)
             return None
         out = self._basic_step(*args, **kwargs)
-        apply_masks(self.zero.stepped_shards())
+        if not self._preserves_zeros:
+            # Only the fp32 masters: DeepSpeed copies them into the low-precision weights after this.
+            for s in self.zero.stepped_shards():
+                keep_active(s.weight, s.mask)
         return out
 
     # -- reporting --------------------------------------------------------------------------------
@@ -195,8 +201,11 @@ class SparseEngine:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, *args: Any, **kwargs: Any):
         """DeepSpeed's save, then every rank's rigl_ds state, its completeness record and only then
-        ``latest`` (``rigl_ds.checkpoint.save``): a save cut short never becomes the latest."""
-        self._refuse_pipeline_checkpoint()
+        ``latest`` (``rigl_ds.checkpoint.save``): a save cut short never becomes the latest. A
+        pipeline's rank files are named by stage and data-parallel rank; the record waits for every stage."""
+        from ..pipeline import pipeline_grid
+
+        grid = pipeline_grid(self.engine.module)
         if tag is None:
             tag = f"global_step{self.engine.global_steps}"  # DeepSpeed's own default
         signature = inspect.signature(self._save)
@@ -212,7 +221,9 @@ class SparseEngine:
             logger.warning("rigl_ds: DeepSpeed writes 'latest' itself here; it may precede the rigl_ds state")
             ours = False
             save_deepspeed = lambda: self._save(save_dir, tag, *args, **kwargs)  # noqa: E731
-        writes = self.comm.world_size > 1 or checkpoint.global_rank() == 0  # ZeRO-0 replicas: one writer
+        # ZeRO-0 replicas: one writer (of each pipeline stage).
+        first_replica = checkpoint.global_rank() == 0 if grid is None else grid.get_data_parallel_rank() == 0
+        writes = self.comm.world_size > 1 or first_replica
         return checkpoint.save(
             save_dir,
             str(tag),
@@ -225,10 +236,12 @@ class SparseEngine:
             save_latest=ours,
             save_deepspeed=save_deepspeed,
             record_deepspeed_files=not decoupled,
+            stage=None if grid is None else grid.get_stage_id(),
+            num_stages=None if grid is None else grid.get_pipe_parallel_world_size(),
         )
 
     def load_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any):
-        self._refuse_pipeline_checkpoint()
+        self._refuse_pipeline_checkpoint(load_dir, tag, *args, **kwargs)
         # The rigl_ds part is verified, read and checked against this run before DeepSpeed replaces
         # any weight: a checkpoint rigl_ds would refuse leaves the engine as it was.
         state = self._read_rank_state(load_dir, tag)
@@ -246,7 +259,11 @@ class SparseEngine:
 
     def _read_rank_state(self, load_dir, tag) -> Optional[Dict[str, Any]]:
         """This rank's saved state for ``tag`` (``latest`` when None), checked against this run's
-        config; None when the tag cannot be resolved here (DeepSpeed then reports it)."""
+        config; None when the tag cannot be resolved here (DeepSpeed then reports it). A pipeline
+        stage reads its own stage's files; another number of stages is refused
+        (``checkpoint.CheckpointLayoutError``), as each stage's state belongs to the layers it held."""
+        from ..pipeline import pipeline_grid
+
         if tag is None:
             latest = os.path.join(load_dir, checkpoint.LATEST)
             if not os.path.isfile(latest):
@@ -257,7 +274,10 @@ class SparseEngine:
         if not os.path.isdir(tag_dir):
             return None
         ranges = {s.layer.name: (s.offset, s.numel) for s in self.shards}
-        state = checkpoint.load_rank_state(tag_dir, self.comm.rank, ranges)
+        grid = pipeline_grid(self.engine.module)
+        stage = None if grid is None else grid.get_stage_id()
+        num_stages = None if grid is None else grid.get_pipe_parallel_world_size()
+        state = checkpoint.load_rank_state(tag_dir, self.comm.rank, ranges, stage=stage, num_stages=num_stages)
         self.controller.check_resume_config(state.get("config", {}))
         saved_world = state.get("world_size")
         if self.config.compact_optimizer_state and saved_world != self.comm.world_size:
@@ -268,16 +288,52 @@ class SparseEngine:
         state["_tag_dir"] = tag_dir
         return state
 
-    def _refuse_pipeline_checkpoint(self) -> None:
-        """The rank files are keyed by data-parallel rank, which every pipeline stage repeats: refuse
-        rather than let stages overwrite each other's masks."""
+    def _refuse_pipeline_checkpoint(self, load_dir, tag=None, *args: Any, **kwargs: Any) -> None:
+        """What cannot work with a pipeline's checkpoint: resuming a ZeRO-0 bf16 pipeline. DeepSpeed runs
+        such a pipeline with its BF16_Optimizer and, at stage 0, hands it the model-states file's state
+        dict where it expects the per-rank list of ZeRO files (KeyError: 0 in
+        ``BF16_Optimizer._load_legacy_checkpoint``, DeepSpeed 0.19.8); with ``load_optimizer_states=False``
+        it leaves the fp32 masters as they were, so the next step overwrites the loaded weights. Only
+        ``load_module_only=True`` (weights, which refreshes the masters) loads. Refused here, before
+        anything is loaded; another number of stages is refused by ``_read_rank_state``."""
         from ..pipeline import pipeline_grid
 
-        if pipeline_grid(self.engine.module) is not None:
+        if pipeline_grid(self.engine.module) is None:
+            return
+        if self.engine.zero_optimization_stage() != 0 or not self.engine.bfloat16_enabled():
+            return
+        bound = inspect.signature(self._load).bind(load_dir, tag, *args, **kwargs)
+        bound.apply_defaults()
+        if not bound.arguments.get("load_module_only", False):
+            import deepspeed
+
             raise NotImplementedError(
-                "rigl_ds: checkpoints of pipeline-parallel engines are not supported yet (the rigl_ds rank "
-                "files would collide across stages)"
+                "rigl_ds: a pipeline-parallel engine with bf16 at zero_optimization.stage 0 cannot resume from a "
+                f"checkpoint: DeepSpeed {deepspeed.__version__} cannot load the BF16_Optimizer state it saved there "
+                "(and without it keeps stale fp32 masters). Train with zero_optimization.stage 1 (or fp32) to "
+                "resume; load_checkpoint(..., load_module_only=True) loads the weights and masks alone"
             )
+
+
+# Optimizers whose step leaves an entry exactly zero when its gradient, its state and its weight are
+# zero (Adam/AdamW: zero moments give a zero update, decoupled or L2 decay of zero is zero; SGD with
+# momentum likewise). Masked entries enter every step that way (gradients masked before the step,
+# weights and state zeroed whenever the masks change), so re-masking the weights after the step
+# would be a pass over every masked weight that changes nothing. Any other optimizer is re-masked.
+_ZERO_PRESERVING = (
+    "torch.optim.adam.Adam",
+    "torch.optim.adamw.AdamW",
+    "torch.optim.sgd.SGD",
+    "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam",
+    "deepspeed.ops.adam.fused_adam.FusedAdam",
+)
+
+
+def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is one of the known zero-preserving types itself (not a subclass, whose
+    step may differ)."""
+    kind = type(optimizer)
+    return f"{kind.__module__}.{kind.__qualname__}" in _ZERO_PRESERVING
 
 
 def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[str, Any], master_weights: bool):
@@ -353,8 +409,9 @@ _MOE_CLASSES = ("deepspeed.moe.layer.MoE", "deepspeed.module_inject.auto_ep_laye
 def _refuse_unsupported(config: Optional[Dict[str, Any]], model: Optional[torch.nn.Module], mpu: Any) -> None:
     """Raises ``RigLConfigError`` naming the setting for the parallelisms rigl_ds does not handle:
     tensor parallelism (a weight cut across ranks that the data-parallel masks do not see), expert
-    parallelism (expert weights reduced over other groups than the masks' collectives) and NVMe
-    offload (the fp32 masters and optimizer state the masks are views of are swapped out to disk)."""
+    parallelism (expert weights reduced over other groups than the masks' collectives), NVMe
+    offload (the fp32 masters and optimizer state the masks are views of are swapped out to disk)
+    and partial optimizer offload (a second optimizer steps the GPU-resident sub-groups)."""
     config = config or {}
     autotp = (config.get("tensor_parallel") or {}).get("autotp_size") or 0
     if isinstance(autotp, int) and autotp > 1:
@@ -380,6 +437,13 @@ def _refuse_unsupported(config: Optional[Dict[str, Any]], model: Optional[torch.
                 f"zero_optimization.{key}.device: 'nvme' is not supported by rigl_ds (the masks are views of "
                 "the fp32 masters and optimizer state it swaps to disk); allowed: 'none' or 'cpu'"
             )
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
+    if ratio is not None and float(ratio) < 1.0:
+        raise RigLConfigError(
+            f"zero_optimization.offload_optimizer.ratio: {ratio} (partial offload) is not supported by rigl_ds: "
+            "ZeRO-3 steps the sub-groups kept on the GPU with a second optimizer that rigl_ds does not drive "
+            "(they would step on update steps that skip the optimizer); allowed: 1.0"
+        )
     if model is None:
         return
     for name, module in model.named_modules():

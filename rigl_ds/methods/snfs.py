@@ -45,4 +45,5 @@ class SNFSMethod(DropGrowMethod):
             name = key.removeprefix("grad_ema.")
             if name not in by_name or value.numel() != by_name[name].numel:
                 raise ValueError(f"SNFS state {key!r} does not fit this model's shards")
-            self._ema[name] = value.to(torch.float32).clone()
+            # Beside the shard it scores (a checkpoint is read to the CPU; the shard may be on a GPU).
+            self._ema[name] = value.to(device=by_name[name].device, dtype=torch.float32, copy=True)

@@ -101,6 +101,29 @@ class ZeroLayout:
                 bad += 1
         return int(self.comm.all_reduce_sum(torch.tensor([bad], dtype=torch.long)).item()) > 0
 
+    def gradients_masked(self) -> None:
+        """After the masked entries' gradients were zeroed, before DeepSpeed's step. With the
+        optimizer offloaded, ZeRO-1/2/3 take each parameter's gradient norm during backward
+        (``norm_for_param_grads``), before the masks applied, and gradient clipping sums those: take
+        the masked layers' norms again from the masked gradients, so clipping sees the sparse
+        model's norm as it does without offload."""
+        opt = self.engine.optimizer
+        norms = getattr(opt, "norm_for_param_grads", None)
+        if not norms:
+            return
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        for s in self.shards:
+            param = getattr(s, "param", None)
+            if param is None:
+                continue
+            key = opt.get_param_id(param)
+            if key not in norms:
+                continue
+            g = s.grad()
+            if g is not None:
+                norms[key] = g.to(get_norm_dtype()).norm(2)
+
     def gradient_scale(self) -> float:
         """The factor the gradients seen before DeepSpeed's step carry: its fp16 loss scale."""
         if not self.engine.fp16_enabled():
@@ -255,9 +278,17 @@ def zero_layout(
             for layer in plan.layers
         ]
         return WholeLayout(engine, shards, LocalCollectives())
+    from ..config import RigLConfigError
+
+    if stage == 0 and engine.fp16_enabled():
+        raise RigLConfigError(
+            f"fp16 with zero_optimization.stage 0 and DeepSpeed's {type(optimizer).__name__} (a FusedAdam, e.g. "
+            'from an "optimizer" block, keeps flat fp32 masters rigl_ds has no view of) is not supported; use '
+            "zero_optimization.stage 1, 2 or 3, bf16, or pass a torch optimizer (optimizer=...)"
+        )
     raise NotImplementedError(
         f"rigl_ds: no mask layout for ZeRO stage {stage} with DeepSpeed's {type(optimizer).__name__} "
-        "(supported: stage 0 fp32 or bf16, stages 1-3)"
+        "(supported: stage 0 fp32, bf16 or fp16 with a torch optimizer; stages 1-3)"
     )
 
 
