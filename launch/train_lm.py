@@ -10,7 +10,8 @@ block (model family and sizes, data, steps, learning rate, logging; see rigl_ds/
     python launch/train_lm.py                                          # one process, no launcher
 
 Writes <job.out_dir>/metrics.csv, summary.json, layers.json and checkpoints/; render them with
-``python -m rigl_ds.lm.plot <job.out_dir>``.
+``python -m rigl_ds.lm.plot <job.out_dir>``. With ZeRO stage 3 the model is built partitioned under
+``deepspeed.zero.Init``: no rank ever holds the whole model.
 """
 
 from __future__ import annotations

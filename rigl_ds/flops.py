@@ -12,13 +12,14 @@ functions here take the method's registered name, or ``DENSE`` for the dense bas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .layers import RNN_WEIGHT_PREFIXES
+from .layers import RNN_WEIGHT_PREFIXES, global_shape
 from .methods import DENSE, method_class
 
 
@@ -62,6 +63,46 @@ def weight_uses(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, int]:
         for h in hooks:
             h.remove()
     return uses
+
+
+def weight_uses_per_token(model: nn.Module) -> Dict[str, int]:
+    """Per weight name, how many times each entry is used per token of a sequence model, from the
+    module types alone: no forward pass, so it works on a model too large for one rank and on
+    ZeRO-3's partitioned parameters. A Linear or GPT-2 ``Conv1D`` weight is used once per token (a
+    weight shared by several such modules, such as a head tied to the embedding, once per module);
+    RNN gate matrices once per time step, every layer and direction. Embedding lookups are not
+    matmuls and are not counted.
+
+    Equals ``weight_uses`` over a forward of ``n`` tokens divided by ``n`` for models that apply
+    every such module to every token once: the decoder-only and RNN LMs of ``rigl_ds.lm``
+    (tests/test_trainer_scale.py checks each family). Not for models that route tokens to some
+    modules only (mixture-of-experts built from per-expert Linear layers would be over-counted).
+    A convolution uses its weight per output position, which the module alone does not give: a
+    model with one is refused."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses: Dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+            for pname, p in module.named_parameters(recurse=False):
+                if pname.startswith(RNN_WEIGHT_PREFIXES):
+                    uses[names[id(p)]] = uses.get(names[id(p)], 0) + 1
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) not in names:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise ValueError(
+                f"weight_uses_per_token: {module_name} is a {type(module).__name__}, whose uses per token depend "
+                "on its padding and input length; count it with weight_uses (a forward pass) instead"
+            )
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            uses[names[id(weight)]] = uses.get(names[id(weight)], 0) + 1
+    return uses
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's number of entries, also when ZeRO-3 has partitioned it (``p.numel()`` is 0 there)."""
+    return math.prod(global_shape(p))
 
 
 def forward_flops(
@@ -153,10 +194,11 @@ class FlopsMeter:
         delta_t: int,
         spent: Optional[TrainingFlops] = None,
     ):
-        """``uses``: ``weight_uses`` of one forward over ``examples`` examples (or tokens); the
-        counts are taken now, so build the meter before ZeRO-3 partitions the parameters."""
+        """``uses``: ``weight_uses`` of one forward over ``examples`` examples (or tokens), or
+        ``weight_uses_per_token`` with ``examples=1``. Parameters may be ZeRO-3 partitioned: the
+        full sizes are read from their shapes."""
         self.uses = {n: u / examples for n, u in uses.items()}
-        self.numels = {n: p.numel() for n, p in model.named_parameters()}
+        self.numels = {n: full_numel(p) for n, p in model.named_parameters()}
         self.method, self.delta_t = method, delta_t
         self.spent = TrainingFlops() if spent is None else spent
         self.report: Optional[FlopsReport] = None

@@ -4,6 +4,11 @@
 the loop so tests and other scripts can call it. One DeepSpeed JSON holds everything: DeepSpeed's
 own keys, the ``"rigl"`` block (absent: dense training) and the ``"job"`` block (``job.py``).
 
+Under ZeRO stage 3 the model is built partitioned (``deepspeed.zero.Init``), so no rank ever holds
+the whole model, and everything read from it afterwards (parameter counts, the FLOPs accounting,
+rigl_ds's plan) comes from the parameters' full shapes; FLOPs are counted from the layers, not by a
+forward pass.
+
 Every rank reads the same deterministic batch order, keyed by optimizer step, so a run resumed from
 a checkpoint sees the batches the uninterrupted run would have seen. Rank 0 writes the run folder:
 ``metrics.csv`` (one row per logged step), ``summary.json`` and ``layers.json`` at the end,
@@ -32,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 
 from .. import checkpoint  # noqa: E402
 from ..adapter import UpdateWatch  # noqa: E402
-from ..flops import DENSE, FlopsMeter, TrainingFlops, weight_uses  # noqa: E402
+from ..flops import DENSE, FlopsMeter, TrainingFlops, full_numel, weight_uses_per_token  # noqa: E402
 from .data import lm_blocks, load_text, train_tokenizer  # noqa: E402
 from .job import JobConfig, load_job  # noqa: E402
 from .models import build_model, lm_loss  # noqa: E402
@@ -214,13 +219,14 @@ def _build(config: Dict[str, Any], job: JobConfig, rigl, rank: int, world: int) 
     train_blocks = _rank0_first(lambda: lm_blocks(text["train"], tokenizer, job.seq_len + 1))
     val_blocks = _rank0_first(lambda: lm_blocks(text["validation"], tokenizer, job.seq_len + 1))
 
-    model = build_model(job.family, len(tokenizer), **job.model)
-    method = rigl.method if rigl else DENSE
-    probe = train_blocks[:1]["input_ids"]  # FLOPs per token, at each step's masks (paper's accounting)
-    flops = FlopsMeter(model, weight_uses(model, probe), probe.numel(), method, rigl.delta_t if rigl else 1)
-    total_params = sum(p.numel() for p in model.parameters())
-
     ds_config = {k: v for k, v in config.items() if k != "job"}
+    # ZeRO-3: built partitioned under zero.Init, so no rank ever holds the whole model.
+    zero3_config = ds_config if zero_stage(ds_config) == 3 else None
+    model = build_model(job.family, len(tokenizer), zero3_config=zero3_config, **job.model)
+    method = rigl.method if rigl else DENSE
+    flops = lm_flops_meter(model, method, rigl.delta_t if rigl else 1)
+    total_params = sum(full_numel(p) for p in model.parameters())
+
     optimizer = None if "optimizer" in ds_config else _optimizer(job, model)
     scheduler = None
     if optimizer is not None and "scheduler" not in ds_config:
@@ -244,6 +250,17 @@ def _build(config: Dict[str, Any], job: JobConfig, rigl, rank: int, world: int) 
         micro=engine.train_micro_batch_size_per_gpu(),
         accumulation=engine.gradient_accumulation_steps(),
     )
+
+
+def zero_stage(ds_config: Dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no ``zero_optimization`` block)."""
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def lm_flops_meter(model: torch.nn.Module, method: str, delta_t: int) -> FlopsMeter:
+    """FLOPs per token at each step's masks (the paper's accounting), counted from the model's
+    layers and shapes, not by a forward: it works on ZeRO-3 partitioned weights of any size."""
+    return FlopsMeter(model, weight_uses_per_token(model), 1, method, delta_t)
 
 
 def _resume(run: _Run) -> tuple:
