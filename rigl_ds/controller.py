@@ -221,7 +221,9 @@ class SparseController:
     def layer_report(self) -> List[Dict[str, Any]]:
         """Per masked layer: entries, active entries and sparsity, reduced over all ranks."""
         local = (
-            torch.stack([s.active_count() for s in self.shards]) if self.shards else torch.zeros(0, dtype=torch.long)
+            torch.stack([s.active_count().to(self.shards[0].device) for s in self.shards])
+            if self.shards
+            else torch.zeros(0, dtype=torch.long)
         )
         active = self.comm.all_reduce_sum(local).cpu().tolist()
         return [

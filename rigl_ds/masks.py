@@ -2,6 +2,11 @@
 
 Written once for any storage view: every count is reduced through ``Collectives`` and every
 selection goes through its exact top-k, so a shard never needs another rank's entries.
+
+Devices: a shard's mask lives on the shard's device, beside its fp32 master; a tensor elsewhere
+(the low-precision copy on the accelerator while the master is offloaded to the host) is masked
+with the mask copied to its own device (``Shard.mask_on``). Counts are summed on the first shard's
+device and reduced through ``Collectives``, which carries them on its backend's device.
 """
 
 from __future__ import annotations
@@ -34,15 +39,39 @@ class UpdateStats:
 
 def pool_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int) -> torch.Tensor:
     """Global active entries per pool (int64), one all_reduce for all layers."""
-    device = shards[0].device if shards else torch.device("cpu")
-    local = torch.zeros(n_pools, dtype=torch.long, device=device)
+    local = torch.zeros(n_pools, dtype=torch.long, device=_home(shards))
     for s in shards:
         pools = s.pool_ids()
         if isinstance(pools, int):
-            local[pools] += s.active_count()
+            local[pools] += s.active_count().to(local.device)
         else:
-            local += torch.bincount(pools[s.mask], minlength=n_pools)
+            local += torch.bincount(pools[s.mask], minlength=n_pools).to(local.device)
     return comm.all_reduce_sum(local)
+
+
+def _home(shards: Sequence[Shard]) -> torch.device:
+    """Where per-layer counts are summed before one collective: the first shard's device."""
+    return shards[0].device if shards else torch.device("cpu")
+
+
+class _MaskBeside:
+    """A mask on every device that holds a tensor it masks, copied to each at most once. Given the
+    shard that owns it, the copy comes from the shard's cached packed bits (``Shard.mask_on``)."""
+
+    def __init__(self, mask: torch.Tensor, shard: Optional[Shard] = None):
+        self._by_device = {mask.device: mask}
+        self._shard = shard
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mask on ``tensor``'s device."""
+        m = self._by_device.get(tensor.device)
+        if m is None:
+            if self._shard is not None:
+                m = self._shard.mask_on(tensor.device)
+            else:
+                m = next(iter(self._by_device.values())).to(tensor.device)
+            self._by_device[tensor.device] = m
+        return m
 
 
 def check_counts(shards: Sequence[Shard], comm: Collectives, n_pools: int, expected: torch.Tensor, what: str) -> None:
@@ -87,20 +116,22 @@ def init_masks(
 
 def keep_active(tensor: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero where ``mask`` is False, in place. torch.where(out=) is about twice as fast as
-    masked_fill_ on CPU (no inverted mask), and unlike mul_ it turns a NaN at a masked entry into 0."""
-    torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
+    masked_fill_ on CPU (no inverted mask), and unlike mul_ it turns a NaN at a masked entry into 0.
+    A mask on another device than ``tensor`` is copied over first (``Shard.mask_on`` avoids that
+    copy for repeated use)."""
+    torch.where(mask.to(tensor.device), tensor, tensor.new_zeros(()), out=tensor)
 
 
 def apply_masks(shards: Sequence[Shard], with_optimizer_state: bool = False) -> None:
     """Masked entries exactly zero in the weight (every copy) and, on request, the optimizer state."""
     for s in shards:
-        mask = s.mask
-        keep_active(s.weight, mask)
+        mask = _MaskBeside(s.mask, s)
+        keep_active(s.weight, mask.of(s.weight))
         for copy in s.extra_copies():
-            keep_active(copy, mask)
+            keep_active(copy, mask.of(copy))
         if with_optimizer_state:
             for state in s.optimizer_states():
-                keep_active(state, mask)
+                keep_active(state, mask.of(state))
 
 
 def mask_gradients(shards: Sequence[Shard]) -> None:
@@ -108,12 +139,12 @@ def mask_gradients(shards: Sequence[Shard]) -> None:
     for s in shards:
         g = s.grad()
         if g is not None:
-            keep_active(g, s.mask)
+            keep_active(g, s.mask_on(g.device))
 
 
 def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
     """True when every rank's gradients of masked layers are finite (missing gradients count as finite)."""
-    bad = torch.zeros(1, dtype=torch.long, device=shards[0].device if shards else None)
+    bad = torch.zeros(1, dtype=torch.long, device=_home(shards))
     for s in shards:
         g = s.grad()
         if g is not None and not bool(torch.isfinite(g).all()):
@@ -123,12 +154,12 @@ def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
 
 def _layer_std(shards: Sequence[Shard], comm: Collectives) -> List[float]:
     """Std of each whole layer (zeros included), as the reference's random_normal grow init uses."""
-    stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=shards[0].device)
+    stats = torch.zeros(len(shards), 3, dtype=torch.float64, device=_home(shards))
     for i, s in enumerate(shards):
         w = s.precise_weight().detach().double()
         stats[i] = torch.stack(
             [w.sum(), (w * w).sum(), torch.tensor(float(s.numel), dtype=torch.float64, device=w.device)]
-        )
+        ).to(stats.device)
     stats = comm.all_reduce_sum(stats).cpu()
     mean = stats[:, 0] / stats[:, 2]
     var = (stats[:, 1] / stats[:, 2] - mean * mean).clamp_min(0)
@@ -148,27 +179,32 @@ def commit_masks(
     zero optimizer state; entries that leave the mask become zero in weight and state; entries
     active before and after keep both, even if the drop step chose them first."""
     stds = _layer_std(shards, comm) if grow_init == "random_normal" else None
-    counts = torch.zeros(3, dtype=torch.long, device=shards[0].device)
+    counts = torch.zeros(3, dtype=torch.long, device=_home(shards))
     for i, (s, new) in enumerate(zip(shards, new_masks)):
+        new = new.to(s.device)  # beside the master weight, as the shard's own mask
         old = s.mask
         grown = new & ~old
         dropped = old & ~new
+        weight = s.weight
         if grow_init == "random_normal" and bool(grown.any()):
             values = keyed_random.normal(grow_key(s), s.global_indices()) * stds[i]
-            s.weight.copy_(torch.where(grown, values.to(s.weight.dtype), s.weight))
+            weight.copy_(torch.where(grown, values.to(weight.dtype), weight))
         else:
-            s.weight.masked_fill_(grown, 0)
-        s.weight.masked_fill_(dropped, 0)
-        reset = grown | dropped
+            weight.masked_fill_(grown, 0)
+        weight.masked_fill_(dropped, 0)
+        reset = _MaskBeside(grown | dropped)
         for state in s.optimizer_states():
-            state.masked_fill_(reset, 0)
-        for copy in s.extra_copies():
-            copy.copy_(torch.where(new, s.weight.to(copy.dtype), torch.zeros_like(copy)))
-        counts[0] += dropped.sum()
-        counts[1] += grown.sum()
-        if chosen_to_drop is not None:
-            counts[2] += (chosen_to_drop[i] & new).sum()
+            state.masked_fill_(reset.of(state), 0)
         s.mask = new
+        kept = _MaskBeside(new, s)
+        for copy in s.extra_copies():
+            copy.copy_(weight)  # onto the copy's device, in its dtype
+            keep_active(copy, kept.of(copy))
+        if chosen_to_drop is None:
+            regrown = new.new_zeros((), dtype=torch.long)
+        else:
+            regrown = (chosen_to_drop[i].to(s.device) & new).sum()
+        counts += torch.stack([dropped.sum(), grown.sum(), regrown]).to(counts.device)
         if i == 0:
             faults.maybe_fail("mid-update", stats.step)  # one layer changed, the rest not yet
     counts = comm.all_reduce_sum(counts).tolist()

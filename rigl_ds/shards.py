@@ -9,7 +9,7 @@ partitions and collective-based selection, and the same method code runs unchang
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -19,7 +19,10 @@ from .topk import select_topk
 
 
 class Shard:
-    """The contiguous global range [offset, offset + numel) of one masked layer held here."""
+    """The contiguous global range [offset, offset + numel) of one masked layer held here.
+
+    ``device`` is where its master ``weight`` lives (the host under ZeRO's optimizer offload), and
+    its mask with it; other copies of the range (``extra_copies``, gradients) may live elsewhere."""
 
     def __init__(self, layer: LayerPlan, offset: int, numel: int, device: torch.device):
         if offset < 0 or offset + numel > layer.numel:
@@ -34,8 +37,8 @@ class Shard:
 
     @property
     def mask(self) -> torch.Tensor:
-        """This range's mask as a 1-D bool tensor, unpacked from its bits: a new tensor each read,
-        so change the mask by assigning (``shard.mask = new``), never by writing into a read."""
+        """This range's mask as a 1-D bool tensor on ``device``, unpacked from its bits: a new tensor
+        each read, so change the mask by assigning (``shard.mask = new``), never by writing into a read."""
         return bits.unpack(self.mask_bits, self.numel)
 
     @mask.setter
@@ -46,6 +49,28 @@ class Shard:
                 f"got {value.numel()} {value.dtype}"
             )
         self.mask_bits = bits.pack(value.to(self.device))
+
+    @property
+    def mask_bits(self) -> torch.Tensor:
+        """The mask packed at one bit per entry, on ``device`` (where the weight it masks lives)."""
+        return self._mask_bits
+
+    @mask_bits.setter
+    def mask_bits(self, value: torch.Tensor) -> None:
+        self._mask_bits = value
+        self._bits_elsewhere: Dict[torch.device, torch.Tensor] = {}
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The mask unpacked on ``device``, to mask a copy that lives there rather than on ``device``
+        (a low-precision weight on the accelerator while the fp32 master is offloaded to the host).
+        The packed bits are copied there once per mask change (1/8 byte an entry), not once a use."""
+        device = torch.device(device)
+        if device == self.device:
+            return self.mask
+        packed = self._bits_elsewhere.get(device)
+        if packed is None:
+            packed = self._bits_elsewhere[device] = self.mask_bits.to(device)
+        return bits.unpack(packed, self.numel)
 
     def active_count(self) -> torch.Tensor:
         """Active entries held here (int64 scalar tensor), counted on the bits."""
@@ -156,20 +181,28 @@ class CommStats:
 
 
 class Collectives:
-    """Reductions and exact selection across the processes that share the layers."""
+    """Reductions and exact selection across the processes that share the layers.
+
+    Callers hand over tensors on whatever device they computed them (the shards' device, or the
+    host); an implementation whose backend carries tensors of one device only (NCCL: the current
+    GPU) moves the payload there and the result back itself, so no caller needs to know the
+    backend's device."""
 
     world_size: int = 1
     rank: int = 0
+    #: The device collective payloads travel on; None where nothing travels (one process).
+    device: Optional[torch.device] = None
 
     def __init__(self) -> None:
         self.stats = CommStats()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over processes, in place; returns ``tensor``."""
+        """Sum over processes, in place, whatever ``tensor``'s device; returns ``tensor``."""
         raise NotImplementedError
 
     def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
-        """Every process's 1-D ``row`` stacked in rank order: shape (world_size, len(row))."""
+        """Every process's 1-D ``row`` stacked in rank order: shape (world_size, len(row)), on
+        ``row``'s device."""
         raise NotImplementedError
 
     def select_topk(
@@ -182,8 +215,16 @@ class Collectives:
     ) -> List[torch.Tensor]:
         """``topk.select_topk`` over every process's entries together: the same result as one process
         holding whole tensors. ``shards`` gives each layer's global offset, which a sharded
-        implementation needs to break ties by global position."""
+        implementation needs to break ties by global position; each layer's result is then on its
+        shard's device (beside the weight it will mask), whatever device its scores came on."""
         raise NotImplementedError
+
+
+def beside_shards(masks: Sequence[torch.Tensor], shards: Optional[Sequence[Shard]]) -> List[torch.Tensor]:
+    """Each layer's selection moved to its shard's device (a no-op where it is there already)."""
+    if shards is None:
+        return list(masks)
+    return [m.to(s.device) for m, s in zip(masks, shards)]
 
 
 class LocalCollectives(Collectives):
@@ -196,4 +237,4 @@ class LocalCollectives(Collectives):
         return row.unsqueeze(0)
 
     def select_topk(self, scores, pools, k, eligible=None, shards=None):
-        return select_topk(scores, pools, k, eligible)
+        return beside_shards(select_topk(scores, pools, k, eligible), shards)

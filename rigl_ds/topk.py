@@ -52,19 +52,21 @@ def select_topk(
     """For each pool p, marks the k[p] eligible entries with the largest score.
 
     ``scores[i]`` is layer i's flat scores; ``pools[i]`` its pool id (an int when the whole layer
-    is one pool, else one id per entry). Returns one bool tensor per layer. Raises if a score is
-    NaN or a pool has fewer eligible entries than its k.
+    is one pool, else one id per entry). Returns one bool tensor per layer, on that layer's scores'
+    device (pools and eligibility may come on another). Raises if a score is NaN or a pool has
+    fewer eligible entries than its k.
     """
     k = torch.as_tensor(k, dtype=torch.long).reshape(-1).cpu()
     if (k < 0).any():
         raise ValueError(f"k must be non-negative, got {k.tolist()}")
     out: List[Optional[torch.Tensor]] = [None] * len(scores)
     for comp in _components(pools):
-        s = torch.cat([scores[i].reshape(-1) for i in comp])
+        device = scores[comp[0]].device  # layers sharing a pool are selected together, on one device
+        s = torch.cat([scores[i].reshape(-1).to(device) for i in comp])
         if torch.isnan(s).any():
             raise ValueError("selection scores contain NaN; refusing to choose a mask from them")
         if eligible is not None:
-            e = torch.cat([eligible[i].reshape(-1) for i in comp])
+            e = torch.cat([eligible[i].reshape(-1).to(device) for i in comp])
             s = torch.where(e, s, torch.full_like(s, float("-inf")))
         else:
             e = torch.ones_like(s, dtype=torch.bool)
@@ -75,9 +77,9 @@ def select_topk(
         else:
             p = torch.cat(
                 [
-                    torch.full((scores[i].numel(),), pools[i], dtype=torch.long, device=s.device)
+                    torch.full((scores[i].numel(),), pools[i], dtype=torch.long, device=device)
                     if isinstance(pools[i], int)
-                    else pools[i].reshape(-1).long()
+                    else pools[i].reshape(-1).long().to(device)
                     for i in comp
                 ]
             )
@@ -95,7 +97,7 @@ def select_topk(
             # never loses its place to them.
             chosen = _select_by_sort(s, torch.where(e, p, k.numel()), torch.cat([k, k.new_zeros(1)]))
         for i, part in zip(comp, torch.split(chosen, [scores[i].numel() for i in comp])):
-            out[i] = part.view(scores[i].shape)
+            out[i] = part.view(scores[i].shape).to(scores[i].device)
     return out  # type: ignore[return-value]
 
 

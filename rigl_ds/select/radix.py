@@ -8,6 +8,10 @@ chosen prefix are looked at again. Entries equal to the threshold are taken in g
 order (layer order, then flat index), found with one all_gather of per-shard tie counts. The
 result is bit-identical to ``topk.select_topk`` on the whole tensors, for any world size, and no
 payload grows with the number of entries.
+
+Entry-sized work stays on each layer's scores' device; the per-pool search state stays on the host;
+histograms are summed on the first non-empty layer's device and handed to ``comm`` there (it moves
+them to its backend's device and back).
 """
 
 from __future__ import annotations
@@ -109,12 +113,12 @@ class _Layers:
     """This process's range of every layer, in the form every pass reads."""
 
     keys: List[torch.Tensor]  # order keys, ineligible entries set to _INELIGIBLE
-    pools: List[PoolIds]  # the local entries' pools: one int, or one long per entry
+    pools: List[PoolIds]  # the local entries' pools: one int, or one long per entry (on the key's device)
     distinct: List[List[int]]  # every pool of the whole layer: the same on every process
-    eligible: Optional[List[torch.Tensor]]  # flat
+    eligible: Optional[List[torch.Tensor]]  # flat, on the key's device
     n_pools: int
     has_nan: bool
-    device: torch.device
+    device: torch.device  # where histograms are summed: the first non-empty layer's
     count_dtype: torch.dtype
 
 
@@ -202,11 +206,11 @@ def _local_layers(
     max_pool_size: Optional[int],
 ) -> _Layers:
     """Keys and pools of this process's entries; raises before any collective on bad input."""
-    device = scores[0].device if len(scores) else torch.device("cpu")
+    device = next((s.device for s in scores if s.numel()), scores[0].device if len(scores) else torch.device("cpu"))
     count_dtype = torch.int32 if max_pool_size is not None and max_pool_size <= _INT32_MAX else torch.long
     distinct = [_layer_pools(pools[i], None if layer_pools is None else layer_pools[i], i) for i in range(len(scores))]
-    local_pools = [p if isinstance(p, int) else p.reshape(-1).long() for p in pools]
-    flat_eligible = None if eligible is None else [e.reshape(-1) for e in eligible]
+    local_pools = [p if isinstance(p, int) else p.reshape(-1).long().to(s.device) for p, s in zip(pools, scores)]
+    flat_eligible = None if eligible is None else [e.reshape(-1).to(s.device) for e, s in zip(eligible, scores)]
     keys: List[torch.Tensor] = []
     has_nan = False
     for i, s in enumerate(scores):
@@ -233,15 +237,15 @@ def _leading_digit_histogram(layers: _Layers, shift: int) -> torch.Tensor:
         digit = key >> shift
         digit += half
         if isinstance(p, int):
-            hist[p * buckets : (p + 1) * buckets] += torch.bincount(digit, minlength=buckets)
+            hist[p * buckets : (p + 1) * buckets] += torch.bincount(digit, minlength=buckets).to(hist.device)
         else:
-            hist[:n_slots] += torch.bincount(p * buckets + digit, minlength=n_slots)
+            hist[:n_slots] += torch.bincount(p * buckets + digit, minlength=n_slots).to(hist.device)
         if layers.eligible is not None:  # ineligible entries sit in bucket 0 of their pool: take them out
             out = ~layers.eligible[i]
             if isinstance(p, int):
-                hist[p * buckets] -= out.sum()
+                hist[p * buckets] -= out.sum().to(hist.device)
             else:
-                hist[:n_slots:buckets] -= torch.bincount(p[out], minlength=layers.n_pools)
+                hist[:n_slots:buckets] -= torch.bincount(p[out], minlength=layers.n_pools).to(hist.device)
     hist[-2] = int(layers.has_nan)
     hist[-1] = len(layers.keys)
     return hist
@@ -286,7 +290,7 @@ def _narrow_candidates(
     stay as candidates of a pool whose threshold is down among -inf; they are harmless there: their
     key is below every real one, so no digit walk ever stops on it."""
     alive = search.alive()
-    alive_dev, prefix_dev = alive.to(layers.device), search.prefix.to(layers.device)
+    alive_on, prefix_on = _OnDevices(alive), _OnDevices(search.prefix)
     narrowed: List[Optional[_Candidates]] = []
     for c, layer_pool in zip(cands, layers.pools):
         if c is None or not c.key.numel():
@@ -298,7 +302,7 @@ def _narrow_candidates(
                 continue
             hit = (c.key >> shift) == int(search.prefix[layer_pool])
         else:
-            hit = ((c.key >> shift).long() == prefix_dev[c.pool]) & alive_dev[c.pool]
+            hit = ((c.key >> shift).long() == prefix_on[c.pool.device][c.pool]) & alive_on[c.pool.device][c.pool]
         local = hit.nonzero().flatten()
         idx = local if c.idx is None else c.idx.index_select(0, local)
         pool = None if c.pool is None else c.pool.index_select(0, local)
@@ -313,7 +317,7 @@ def _next_digit_histogram(
     ``ids`` order: the payload is per open pool, never per entry."""
     row_of = torch.full((layers.n_pools,), -1, dtype=torch.long)
     row_of[ids] = torch.arange(ids.numel())
-    row_of_dev = row_of.to(layers.device)
+    row_of_on = _OnDevices(row_of)
     hist = torch.zeros(ids.numel() * width, dtype=layers.count_dtype, device=layers.device)
     for c, layer_pool in zip(cands, layers.pools):
         if c is None or not c.key.numel():
@@ -321,10 +325,24 @@ def _next_digit_histogram(
         digit = (c.key >> shift) & (width - 1)
         if c.pool is None:
             row = int(row_of[layer_pool])
-            hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width)
+            hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width).to(hist.device)
         else:
-            hist += torch.bincount(row_of_dev[c.pool] * width + digit, minlength=hist.numel())
+            rows = row_of_on[c.pool.device][c.pool]
+            hist += torch.bincount(rows * width + digit, minlength=hist.numel()).to(hist.device)
     return hist
+
+
+class _OnDevices:
+    """A small host tensor (per-pool search state), copied to each device that asks for it once."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._by_device = {tensor.device: tensor}
+
+    def __getitem__(self, device: torch.device) -> torch.Tensor:
+        t = self._by_device.get(device)
+        if t is None:
+            t = self._by_device[device] = next(iter(self._by_device.values())).to(device)
+        return t
 
 
 def _mark_above_threshold(layers: _Layers, lo: torch.Tensor) -> List[torch.Tensor]:
@@ -332,7 +350,7 @@ def _mark_above_threshold(layers: _Layers, lo: torch.Tensor) -> List[torch.Tenso
     a bound reaches down to their key."""
     out: List[torch.Tensor] = []
     for i, (key, p, distinct) in enumerate(zip(layers.keys, layers.pools, layers.distinct)):
-        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=layers.device)
+        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
         if key.numel():
             for q in distinct:
                 if int(lo[q]) > _INT32_MAX:
@@ -382,7 +400,7 @@ def _take_ties(
         row[j] = 0 if idx is None else idx.numel()
     for j, i in enumerate(tie_layers):
         row[len(slots) + j] = offsets[i]
-    table = comm.all_gather_rows(row.to(layers.device)).cpu()
+    table = comm.all_gather_rows(row)  # a host row: the collectives carry it on their device and back
     ties, offs = table[:, : len(slots)], table[:, len(slots) :]
     column = {i: j for j, i in enumerate(tie_layers)}
     me = comm.rank

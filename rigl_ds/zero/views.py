@@ -9,7 +9,9 @@
   torch optimizer steps the parameter itself.
 
 Every view is a live 1-D tensor onto DeepSpeed's own storage; nothing here allocates a weight,
-gradient or optimizer state.
+gradient or optimizer state. A shard's ``device`` is its fp32 master's (the host under
+``offload_optimizer``); its ``extra_copies`` (low-precision weights) may live on the accelerator,
+and ``rigl_ds.masks`` masks each tensor with the mask on that tensor's own device.
 """
 
 from __future__ import annotations
@@ -41,16 +43,30 @@ class FlatStorage:
         return self.weight
 
 
+def _fp32_partitions(optimizer) -> List[Optional[torch.Tensor]]:
+    """The flat fp32 partitions the torch optimizer steps (ZeRO-1/2 or BF16_Optimizer naming)."""
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(optimizer, "fp32_groups_flat_partition", None)
+    return list(flats or [])
+
+
 class HpFragmentShard(FlatStorage, Shard):
-    """This rank's fragment of a parameter in a flat fp32 partition (ZeRO-1/2, BF16_Optimizer)."""
+    """This rank's fragment of a parameter in a flat fp32 partition (ZeRO-1/2, BF16_Optimizer).
+
+    A rank holding none of the parameter still reports the fp32 partitions' device (the host under
+    offload), not the parameter's, so that every shard of a layout sits where its counts are made;
+    ``device`` is the fallback when the optimizer has no partition."""
 
     def __init__(self, layer: LayerPlan, param: torch.nn.Parameter, optimizer, device: torch.device):
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:
             offset, numel = 0, 0
+            device = next((f.device for f in _fp32_partitions(optimizer) if f is not None), device)
         else:
             offset, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
-        super().__init__(layer, offset, numel, mapping.hp_fragment.device if mapping is not None else device)
+            device = mapping.hp_fragment.device
+        super().__init__(layer, offset, numel, device)
         self.param = param
         self.optimizer = optimizer
 
@@ -64,10 +80,7 @@ class HpFragmentShard(FlatStorage, Shard):
         """The flat fp32 partition the torch optimizer steps (ZeRO-1/2 or BF16_Optimizer naming)."""
         if self.mapping is None:
             return None
-        flats = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
-        if flats is None:
-            flats = self.optimizer.fp32_groups_flat_partition
-        return flats[self.mapping.param_group_index]
+        return _fp32_partitions(self.optimizer)[self.mapping.param_group_index]
 
     @property
     def storage_offset(self) -> int:
