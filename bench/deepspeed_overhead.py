@@ -4,7 +4,9 @@ Spawns ranks (gloo on CPU, or NCCL with --backend nccl, one per GPU), builds a H
 from config (no download) and trains it with ZeRO under each stage asked for, dense and with a RigL
 ERK 90% block, feeding identical batches. Prints per stage: the median whole iteration (forward,
 backward, engine.step) between mask updates, the mask-update iteration, mask initialisation, and
-the ratios against dense, all measured in the same run.
+the ratios against dense, all measured in the same run; and "plugin ms", the time spent inside
+rigl_ds's own parts of a step between updates (timed in the step, so free of the run-to-run noise
+of two whole-step medians), with ``1 + plugin / dense``, the overhead that time alone adds.
 
     python bench/deepspeed_overhead.py                          # GPT-2 small, 2 ranks, ZeRO 2 and 3
     python bench/deepspeed_overhead.py --layers 4 --embd 256 --stages 1 2 3
@@ -33,8 +35,8 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
         f"{args.dtype}, {torch.get_num_threads()} threads per rank"
     )
     say(
-        f"{'stage':>5} | {'dense ms':>9} | {'rigl ms':>9} | {'ratio':>6} | {'update ms':>9} | {'update/dense':>12} | "
-        f"{'amortised':>9} | {'init s':>6}"
+        f"{'stage':>5} | {'dense ms':>9} | {'rigl ms':>9} | {'ratio':>6} | {'plugin ms':>9} | {'1+plugin/d':>11} | "
+        f"{'update ms':>9} | {'update/dense':>12} | {'amortised':>9} | {'init s':>6}"
     )
 
     def sync():
@@ -73,12 +75,15 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
             engine, *_ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
             sync()
             init = time.perf_counter() - start
-            steps = []
+            plugin = _time_plugin(engine, sync) if sparse else None
+            steps, plugin_steps = [], []
             g = torch.Generator().manual_seed(0)
             for _ in range(args.steps):
                 x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
                 dist.barrier()
                 sync()
+                if plugin is not None:
+                    plugin["seconds"] = 0.0
                 t0 = time.perf_counter()
                 loss = engine(x, labels=x).loss
                 engine.backward(loss)
@@ -87,16 +92,63 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
                 t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 steps.append(float(t))
-            regular = [t for i, t in enumerate(steps) if i >= args.warmup and i != args.update_at]
-            times[sparse] = (statistics.median(regular), steps[args.update_at] if sparse else None, init)
+                if plugin is not None:
+                    own = torch.tensor([plugin["seconds"]], dtype=torch.float64, device=device)
+                    dist.all_reduce(own, op=dist.ReduceOp.MAX)
+                    plugin_steps.append(float(own))
+            regular = [i for i in range(len(steps)) if i >= args.warmup and i != args.update_at]
+            own = statistics.median(plugin_steps[i] for i in regular) if sparse else None
+            median = statistics.median(steps[i] for i in regular)
+            times[sparse] = (median, steps[args.update_at] if sparse else None, init, own)
             del engine
-        (dense, _, _), (rigl, update, init) = times[False], times[True]
+        (dense, _, _, _), (rigl, update, init, own) = times[False], times[True]
         amortised = (rigl * (args.delta_t - 1) + update) / (dense * args.delta_t)
         say(
-            f"{stage:>5} | {dense * 1e3:>9.1f} | {rigl * 1e3:>9.1f} | {rigl / dense:>5.2f}x | {update * 1e3:>9.1f} | "
-            f"{update / dense:>11.2f}x | {amortised:>8.2f}x | {init:>6.1f}"
+            f"{stage:>5} | {dense * 1e3:>9.1f} | {rigl * 1e3:>9.1f} | {rigl / dense:>5.2f}x | {own * 1e3:>9.1f} | "
+            f"{1 + own / dense:>10.3f}x | {update * 1e3:>9.1f} | {update / dense:>11.2f}x | {amortised:>8.2f}x | "
+            f"{init:>6.1f}"
         )
     dist.destroy_process_group()
+
+
+def _time_plugin(engine, sync) -> dict:
+    """Adds the wall time of every rigl_ds piece of a step (the controller before and after the
+    optimizer step, the offload norm fix-up, the re-mask after the torch optimizer's step) to
+    ``timer["seconds"]``: the plugin's own cost, measured inside the step rather than as the
+    difference of two noisy whole-step medians."""
+    sparse, timer = engine.rigl, {"seconds": 0.0}
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                timer["seconds"] += time.perf_counter() - t0
+
+        return run
+
+    def untimed(fn):  # the torch optimizer's own step, inside the timed wrapper
+        def run(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                timer["seconds"] -= time.perf_counter() - t0
+
+        return run
+
+    controller = sparse.controller
+    controller.before_step = timed(controller.before_step)
+    controller.after_step = timed(controller.after_step)
+    sparse.zero.gradients_masked = timed(sparse.zero.gradients_masked)
+    engine.basic_optimizer.step = timed(engine.basic_optimizer.step)
+    sparse._basic_step = untimed(sparse._basic_step)
+    return timer
 
 
 def main() -> None:

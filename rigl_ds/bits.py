@@ -6,6 +6,8 @@ mask costs a byte per entry of every layer for the whole run."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _WEIGHTS: dict = {}
@@ -34,11 +36,18 @@ def pack(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(1, dtype=torch.uint8)
 
 
-def unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """The 1-D bool tensor of ``numel`` entries that ``pack`` stored in ``bits``."""
+def unpack(bits: torch.Tensor, numel: int, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The 1-D bool tensor of ``numel`` entries that ``pack`` stored in ``bits``. ``scratch``: a
+    uint8 tensor of at least ``8 * len(bits)`` bytes on ``bits``' device to unpack into (the result
+    is a view of it, valid until its next use) instead of a new allocation: the per-step gradient
+    masking unpacks every layer, and fresh allocations of that size cost page faults each time."""
     if bits.dtype != torch.uint8 or bits.numel() != packed_numel(numel):
         raise ValueError(f"{numel} entries need {packed_numel(numel)} uint8 bytes, got {bits.numel()} {bits.dtype}")
-    out = bits.unsqueeze(1).bitwise_and(_weights(bits.device))
+    if scratch is None:
+        out = bits.unsqueeze(1).bitwise_and(_weights(bits.device))
+    else:
+        out = scratch.narrow(0, 0, bits.numel() * 8).view(-1, 8)
+        torch.bitwise_and(bits.unsqueeze(1), _weights(bits.device), out=out)
     out = out.ne_(0).view(torch.bool).view(-1)  # 0/1 bytes in place: one transient byte per entry, not two
     return out if out.numel() == numel else out[:numel]
 

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import faults, keyed_random
+from . import bits, faults, keyed_random
 from .shards import Collectives, Shard
 
 
@@ -135,11 +135,31 @@ def apply_masks(shards: Sequence[Shard], with_optimizer_state: bool = False) -> 
 
 
 def mask_gradients(shards: Sequence[Shard]) -> None:
-    """Zero the gradients of masked entries before the step, so no momentum leaks into them."""
+    """Zero the gradients of masked entries before the step, so no momentum leaks into them. Runs
+    on every step: each layer's mask is unpacked into one reused buffer per device (the largest
+    layer's size in bytes), not a fresh allocation per layer and step."""
+    scratch: dict = {}
     for s in shards:
         g = s.grad()
-        if g is not None:
-            keep_active(g, s.mask_on(g.device))
+        if g is None or g.numel() == 0:
+            continue
+        need = bits.packed_numel(s.numel) * 8
+        buffer = scratch.get(g.device)
+        if buffer is None or buffer.numel() < need:
+            buffer = _scratch(g.device, max(need, max(bits.packed_numel(t.numel) * 8 for t in shards)))
+            scratch[g.device] = buffer
+        keep_active(g, s.mask_on(g.device, buffer))
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """A uint8 buffer of at least ``numel`` bytes on ``device``, kept between steps."""
+    buffer = _SCRATCH.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[device] = torch.empty(numel, dtype=torch.uint8, device=device)
+    return buffer
 
 
 def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:

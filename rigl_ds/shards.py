@@ -60,17 +60,18 @@ class Shard:
         self._mask_bits = value
         self._bits_elsewhere: Dict[torch.device, torch.Tensor] = {}
 
-    def mask_on(self, device: torch.device) -> torch.Tensor:
+    def mask_on(self, device: torch.device, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The mask unpacked on ``device``, to mask a copy that lives there rather than on ``device``
         (a low-precision weight on the accelerator while the fp32 master is offloaded to the host).
-        The packed bits are copied there once per mask change (1/8 byte an entry), not once a use."""
+        The packed bits are copied there once per mask change (1/8 byte an entry), not once a use.
+        ``scratch`` (uint8 on ``device``): unpack into it (``bits.unpack``), for a mask used at once."""
         device = torch.device(device)
         if device == self.device:
-            return self.mask
+            return bits.unpack(self.mask_bits, self.numel, scratch)
         packed = self._bits_elsewhere.get(device)
         if packed is None:
             packed = self._bits_elsewhere[device] = self.mask_bits.to(device)
-        return bits.unpack(packed, self.numel)
+        return bits.unpack(packed, self.numel, scratch)
 
     def active_count(self) -> torch.Tensor:
         """Active entries held here (int64 scalar tensor), counted on the bits."""

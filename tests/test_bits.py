@@ -43,3 +43,14 @@ def test_a_shard_holds_its_mask_as_bits_and_takes_new_masks_by_assignment():
     assert torch.equal(sparse.masks["0.weight"].view(-1), new)
     with pytest.raises(ValueError, match="1200 bool entries"):
         shard.mask = torch.ones(10, dtype=torch.bool)
+
+
+def test_unpacking_into_a_reused_buffer_gives_the_same_mask():
+    from rigl_ds import bits
+
+    scratch = torch.full((64,), 7, dtype=torch.uint8)  # stale bytes from an earlier use
+    for numel in (1, 8, 13, 64):
+        mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.3
+        packed = bits.pack(mask)
+        assert torch.equal(bits.unpack(packed, numel, scratch), mask)
+        assert torch.equal(bits.unpack(packed, numel, scratch), bits.unpack(packed, numel))
