@@ -59,7 +59,7 @@ def install_exit_grace() -> None:
     handler that gives gloo's worker threads a moment, with the GIL free, to drop their last
     references before finalization begins. atexit handlers run before CPython marks the interpreter
     as finalizing, so a worker taking the GIL then simply waits for it. Installed once per process,
-    only where a gloo process group exists."""
+    only where a gloo process group exists. It also removes DeepSpeed's shm workspace of the rank."""
     global _grace_installed
     if _grace_installed:
         return
@@ -70,6 +70,7 @@ def install_exit_grace() -> None:
 def _exit_grace() -> None:
     import time
 
+    _remove_deepspeed_shm_workspace()
     time.sleep(_GRACE_SECONDS)
 
 
