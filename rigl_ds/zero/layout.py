@@ -228,6 +228,12 @@ class Stage3Layout(ZeroLayout):
         partitions. Re-gather the former, drop the latter, after any mask write outside the step."""
         opt = self.engine.optimizer
         masked = {id(s.param) for s in self.shards if getattr(s, "param", None) is not None}
+        # The partitions were written on the current stream; the next forward all-gathers them on
+        # DeepSpeed's own all-gather stream without waiting for it (cluster-review C6). Mask writes
+        # outside the step are rare (initialisation, loads, after-step updates): let them finish.
+        written = next((s.param.ds_tensor for s in self.shards if getattr(s, "param", None) is not None), None)
+        if written is not None and written.is_cuda:
+            torch.cuda.current_stream(written.device).synchronize()
         persistent = [p for p in getattr(opt, "persistent_parameters", ()) if id(p) in masked]
         if persistent:
             # all_gather skips parameters it holds gathered: release the stale copies first (partition()
