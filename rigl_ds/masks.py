@@ -12,7 +12,7 @@ device and reduced through ``Collectives``, which carries them on its backend's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -138,17 +138,11 @@ def mask_gradients(shards: Sequence[Shard]) -> None:
     """Zero the gradients of masked entries before the step, so no momentum leaks into them. Runs
     on every step: each layer's mask is unpacked into one reused buffer per device (the largest
     layer's size in bytes), not a fresh allocation per layer and step."""
-    scratch: dict = {}
+    largest = max((bits.packed_numel(s.numel) * 8 for s in shards), default=0)
     for s in shards:
         g = s.grad()
-        if g is None or g.numel() == 0:
-            continue
-        need = bits.packed_numel(s.numel) * 8
-        buffer = scratch.get(g.device)
-        if buffer is None or buffer.numel() < need:
-            buffer = _scratch(g.device, max(need, max(bits.packed_numel(t.numel) * 8 for t in shards)))
-            scratch[g.device] = buffer
-        keep_active(g, s.mask_on(g.device, buffer))
+        if g is not None and g.numel() > 0:
+            keep_active(g, s.mask_on(g.device, _scratch(g.device, largest)))
 
 
 _SCRATCH: dict = {}
@@ -164,12 +158,17 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
 
 def gradients_finite(shards: Sequence[Shard], comm: Collectives) -> bool:
     """True when every rank's gradients of masked layers are finite (missing gradients count as finite)."""
-    bad = torch.zeros(1, dtype=torch.long, device=_home(shards))
-    for s in shards:
-        g = s.grad()
-        if g is not None and not bool(torch.isfinite(g).all()):
+    return not any_non_finite((s.grad() for s in shards), comm, _home(shards))
+
+
+def any_non_finite(tensors: Iterable[Optional[torch.Tensor]], comm: Collectives, device: torch.device) -> bool:
+    """Whether any rank holds a non-finite entry in any of ``tensors`` (None entries are skipped);
+    one count reduced through ``comm``, summed on ``device``."""
+    bad = torch.zeros(1, dtype=torch.long, device=device)
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t).all()):
             bad += 1
-    return int(comm.all_reduce_sum(bad).item()) == 0
+    return int(comm.all_reduce_sum(bad).item()) > 0
 
 
 def _layer_std(shards: Sequence[Shard], comm: Collectives) -> List[float]:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..compact import LAYOUT_KEYS
+from ..masks import any_non_finite
 from ..plan import SparsityPlan
 from ..shards import Collectives, LocalCollectives, Shard
 from .views import HpFragmentShard, Stage0Shard, Stage3Shard, UnfusedMasterShard
@@ -91,15 +92,9 @@ class ZeroLayout:
         """Whether DeepSpeed's step will find non-finite gradients (and skip, where its optimizer
         checks): any non-finite gradient of any parameter on any data-parallel rank, not only of
         masked layers. Layouts whose DeepSpeed optimizer has its own check use that one."""
-        bad = 0
-        for p in self.engine.module.parameters():
-            g = p.grad
-            if g is not None and not bool(torch.isfinite(g).all()):
-                bad += 1
-        for flat in getattr(self.engine.optimizer, "fp32_groups_gradients_flat", None) or ():
-            if flat is not None and not bool(torch.isfinite(flat).all()):
-                bad += 1
-        return int(self.comm.all_reduce_sum(torch.tensor([bad], dtype=torch.long)).item()) > 0
+        grads = [p.grad for p in self.engine.module.parameters()]
+        grads += list(getattr(self.engine.optimizer, "fp32_groups_gradients_flat", None) or ())
+        return any_non_finite(grads, self.comm, torch.device("cpu"))
 
     def gradients_masked(self) -> None:
         """After the masked entries' gradients were zeroed, before DeepSpeed's step. With the
