@@ -10,6 +10,7 @@ of two whole-step medians), with ``1 + plugin / dense``, the overhead that time 
 
     python bench/deepspeed_overhead.py                          # GPT-2 small, 2 ranks, ZeRO 2 and 3
     python bench/deepspeed_overhead.py --layers 4 --embd 256 --stages 1 2 3
+    python bench/deepspeed_overhead.py --stages 3 --storages masked packed   # packed storage's step time too
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
 
     for stage in args.stages:
         times = {}
-        for sparse in (False, True):
+        for mode in ["dense"] + list(args.storages):
+            sparse = mode != "dense"
             torch.manual_seed(0)
             cfg = transformers.GPT2Config(
                 n_layer=args.layers, n_embd=args.embd, n_head=args.heads, n_positions=max(args.seq, 64)
@@ -69,6 +71,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
                     "delta_t": 10**6,
                     "begin_step": args.update_at,
                     "end_step": args.update_at + 1,
+                    "storage": mode,
                 }
             dist.barrier()
             start = time.perf_counter()
@@ -99,15 +102,22 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
             regular = [i for i in range(len(steps)) if i >= args.warmup and i != args.update_at]
             own = statistics.median(plugin_steps[i] for i in regular) if sparse else None
             median = statistics.median(steps[i] for i in regular)
-            times[sparse] = (median, steps[args.update_at] if sparse else None, init, own)
+            times[mode] = (median, steps[args.update_at] if sparse else None, init, own)
             del engine
-        (dense, _, _, _), (rigl, update, init, own) = times[False], times[True]
-        amortised = (rigl * (args.delta_t - 1) + update) / (dense * args.delta_t)
-        say(
-            f"{stage:>5} | {dense * 1e3:>9.1f} | {rigl * 1e3:>9.1f} | {rigl / dense:>5.2f}x | {own * 1e3:>9.1f} | "
-            f"{1 + own / dense:>10.3f}x | {update * 1e3:>9.1f} | {update / dense:>11.2f}x | {amortised:>8.2f}x | "
-            f"{init:>6.1f}"
-        )
+        dense = times["dense"][0]
+        for mode in args.storages:
+            rigl, update, init, own = times[mode]
+            amortised = (rigl * (args.delta_t - 1) + update) / (dense * args.delta_t)
+            label = f"{stage} {mode}" if args.storages != ["masked"] else f"{stage}"
+            say(
+                f"{label:>5} | {dense * 1e3:>9.1f} | {rigl * 1e3:>9.1f} | {rigl / dense:>5.2f}x | {own * 1e3:>9.1f} | "
+                f"{1 + own / dense:>10.3f}x | {update * 1e3:>9.1f} | {update / dense:>11.2f}x | {amortised:>8.2f}x | "
+                f"{init:>6.1f}"
+            )
+        if len(args.storages) > 1 and "masked" in args.storages:
+            for mode in args.storages:
+                if mode != "masked":
+                    say(f"      {mode} / masked between updates: {times[mode][0] / times['masked'][0]:.2f}x")
     dist.destroy_process_group()
 
 
@@ -157,6 +167,9 @@ def main() -> None:
     p.add_argument("--delta-t", type=int, default=100, help="update interval for the amortised figure")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument(
+        "--storages", nargs="+", default=["masked"], choices=["masked", "packed"], help='the "rigl" block\'s storage'
+    )
     args = p.parse_args()
     ranks.spawn(_worker, args.world, args)
 

@@ -1,10 +1,11 @@
 """Bytes of training state per parameter on each rank, read from the actual tensors.
 
 Trains a GPT-2 from config for two steps on gloo ranks (or NCCL GPUs) under ZeRO-3 bf16 with AdamW:
-dense, rigl_ds with masks only (dense optimizer state), rigl_ds with ``compact_optimizer_state``, and
-with ``compact_master_weights`` on top (fp32 masters of active entries only in the optimizer; DeepSpeed's
-master weights and gradients in bf16, which ZeRO-3 shares with the bf16 partition), at 80%, 90% and
-95% ERK. Then it walks the engine and sums, per category, the bytes of every distinct
+dense, rigl_ds with masks only (dense optimizer state), rigl_ds with ``compact_optimizer_state``,
+with ``compact_master_weights`` on top (fp32 masters of active entries only in the optimizer;
+DeepSpeed's master weights and gradients in bf16, which ZeRO-3 shares with the bf16 partition), and
+with ``"storage": "packed"`` (active values and their positions are the parameters ZeRO partitions),
+at 80%, 90% and 95% ERK. Then it walks the engine and sums, per category, the bytes of every distinct
 tensor storage it holds on this rank: low-precision weights (each parameter's ``ds_tensor``), fp32
 master partitions, their gradients, the low-precision gradient buffers, the torch optimizer's state,
 the masks and index sets rigl_ds adds, and DeepSpeed's other buffers. Each figure is divided by the
@@ -84,6 +85,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
             (f"rigl {sparsity:.0%}", sparsity, ""),
             (f"rigl {sparsity:.0%} compact", sparsity, "state"),
             (f"rigl {sparsity:.0%} +master", sparsity, "master"),
+            (f"rigl {sparsity:.0%} packed", sparsity, "packed"),
         ]
     rows = []
     for label, sparsity, compact in cases:
@@ -106,9 +108,12 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None
                 "sparsity": sparsity,
                 "delta_t": 100,
                 "end_step": 1,
-                "compact_optimizer_state": bool(compact),
+                "compact_optimizer_state": compact in ("state", "master"),
                 "compact_master_weights": compact == "master",
             }
+            if compact == "packed":  # active values only; compact_* are for masked storage
+                config["rigl"] = {k: v for k, v in config["rigl"].items() if not k.startswith("compact_")}
+                config["rigl"]["storage"] = "packed"
         engine, *_ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
         for step in range(2):  # step 0: the one update (optimizer step skipped); step 1 creates optimizer state
             x = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(step)).to(device)

@@ -15,6 +15,7 @@ killed by the kernel. Without cgroup access the script says so and compares each
 
     python bench/memory_cap.py                          # cap 4 GiB, 2 ranks, GPT-2 4 layers
     python bench/memory_cap.py --cap-gib 6 --layers 6 --max-width 4096
+    python bench/memory_cap.py --modes dense sparse packed           # packed storage too
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _ds_config(mode: str) -> dict:
             "compact_optimizer_state": True,
             "compact_master_weights": True,
         }
+    if mode == "packed":  # the same RigL 90% ERK, masked weights held as their active values only
+        config["rigl"] = {"method": "rigl", "sparsity": 0.9, "delta_t": 100, "end_step": 1, "storage": "packed"}
     return config
 
 
@@ -195,9 +198,12 @@ def probe(args: argparse.Namespace, mode: str, width: int, cap: int) -> dict:
         ]
         group = MemoryCgroup.create(cap) if not args.no_cgroup else None
         start = time.time()
-        proc = subprocess.run(
-            cmd, preexec_fn=group.enter if group else None, capture_output=True, text=True, timeout=args.timeout
-        )
+        try:
+            proc = subprocess.run(
+                cmd, preexec_fn=group.enter if group else None, capture_output=True, text=True, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired as exc:  # a job thrashing at the cap: not a result to build on
+            proc = subprocess.CompletedProcess(cmd, -9, exc.stdout or "", f"timed out after {args.timeout:g} s")
         seconds = time.time() - start
         rss = sum(json.loads(Path(d, f).read_text())["peak_rss"] for f in os.listdir(d) if f.startswith("report.rank"))
         out = {"mode": mode, "width": width, "seconds": round(seconds, 1), "enforced": group is not None}
@@ -233,7 +239,14 @@ def main() -> None:
     p.add_argument("--no-cgroup", action="store_true", help="measure peaks instead of enforcing the cap")
     p.add_argument("--json", type=Path, default=None, help="also write every probe here")
     # Internal: one job.
-    p.add_argument("--job", choices=["dense", "sparse"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["dense", "sparse"],
+        choices=["dense", "sparse", "packed"],
+        help='sparse: RigL 90%% with compact state and masters ("masked" storage); packed: "storage": "packed"',
+    )
+    p.add_argument("--job", choices=["dense", "sparse", "packed"], help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -247,7 +260,7 @@ def main() -> None:
     widths = list(range(args.min_width, args.max_width + 1, args.step))
     probes, best = [], {}
     bar = tqdm(desc="memory cap probes", unit="job")
-    for mode in ("dense", "sparse"):
+    for mode in args.modes:
         lo, hi, found = 0, len(widths) - 1, None  # bisection for the last width that trains
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -273,14 +286,18 @@ def main() -> None:
         peak = f"{r['peak'] / 2**30:.2f}" if r.get("peak") else "-"
         params = f"{r['params']:,}" if "params" in r else "-"
         print(f"{r['mode']:>7} | {r['width']:>5} | {params:>12} | {peak:>8} | {r['seconds']:>5} | {r['result']}")
-    d, s = best.get("dense"), best.get("sparse")
-    for mode, r in (("dense", d), ("sparse 90%", s)):
+    labels = {"dense": "dense", "sparse": "sparse 90% (masked, compact)", "packed": "sparse 90% (packed)"}
+    for mode in args.modes:
+        r = best.get(mode)
         print(
-            f"largest that trains, {mode}: "
+            f"largest that trains, {labels[mode]}: "
             + (f"width {r['width']}, {r['params']:,} parameters" if r else "none in the range (lower --min-width)")
         )
-    if d and s:
-        print(f"sparse / dense parameters under the same cap: {s['params'] / d['params']:.2f}x")
+    d = best.get("dense")
+    for mode in args.modes:
+        r = best.get(mode)
+        if mode != "dense" and d and r:
+            print(f"{labels[mode]} / dense parameters under the same cap: {r['params'] / d['params']:.2f}x")
     for mode, r in best.items():
         if r and r["width"] == widths[-1]:
             print(f"note: {mode} trained at the largest width tried; raise --max-width to find its limit")

@@ -9,6 +9,18 @@ DeepSpeed plugin, whose masks are tested equal to it), so no launcher start-up i
     python bench/quality_study.py                     # the CPU size, two runs at a time on 2 cores
     python bench/quality_study.py --size gpu --device cuda --workers 1   # wider models, longer runs
     python bench/quality_study.py --report-only       # rebuild docs/results.md from the results file
+    python bench/quality_study.py --study plus        # only the RigL-plus candidates (below)
+
+The RigL-plus part (``--study plus``; ``all``, the default, runs both) trains SET, faithful RigL and
+RigL with each candidate option of the ``"rigl"`` block (``VARIANTS``) on the char-GRU and GPT
+cells at 90% ERK, at equal steps; its table and plot go to their own section of docs/results.md.
+Every sparse run also records its exploration metrics (``rigl_ds.exploration``): the in-time
+over-parameterisation rate and the per-layer fan-in spread.
+
+The GPT cell trains 1,000 steps (2.5x the first study's) with a 100-step warm-up and cosine decay of
+the learning rate, at 90% ERK only: fewer cells, more steps. It is better trained than the first
+study's 400-step constant-LR cell (dense perplexity 116 against 168), but dense still does not beat the
+sparse models there (docs/results.md: what was tried); the char-GRU cells are the first study's.
 
 Results go to runs/quality/<size>/results.jsonl one line per run as it finishes (a rerun skips runs
 already there, so an interrupted study resumes), then to docs/results.md (tables of mean and std of
@@ -36,8 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 import rigl_ds  # noqa: E402
 from rigl_ds.layers import find_sparse_weights  # noqa: E402
-from rigl_ds.lm import build_model, evaluate, lm_blocks, lm_loss, load_text, train_tokenizer  # noqa: E402
+from rigl_ds.lm import MASK_GROUPS, build_model, evaluate, lm_blocks, lm_loss, load_text, train_tokenizer  # noqa: E402
 
+GPT_CPU_STEPS, GPT_CPU_LR, GPT_CPU_WARMUP = 1000, 2e-3, 100
+CELLS = ((0.8, "erk"), (0.8, "uniform"), (0.9, "erk"), (0.9, "uniform"))
 SIZES = {
     "cpu": {
         "char_gru": dict(
@@ -52,11 +66,14 @@ SIZES = {
         "gpt": dict(
             sizes=dict(n_layer=2, n_embd=128, n_head=4, n_positions=128),
             width_key="n_embd",
-            steps=400,
+            steps=GPT_CPU_STEPS,
             batch=8,
             seq=64,
-            lr=2e-3,
+            lr=GPT_CPU_LR,
+            warmup=GPT_CPU_WARMUP,  # steps of linear LR warm-up, then cosine decay to lr_floor x lr
+            lr_floor=0.1,
             vocab=2048,
+            cells=((0.9, "erk"),),  # (sparsity, distribution) cells this family runs
         ),
         "seeds": 3,
         "eval_blocks": 200,
@@ -79,6 +96,8 @@ SIZES = {
             batch=32,
             seq=256,
             lr=6e-4,
+            warmup=500,
+            lr_floor=0.1,
             vocab=8192,
         ),
         "seeds": 3,
@@ -89,23 +108,79 @@ SIZES = {
 METHODS = ("static", "set", "snfs", "rigl", "gmp")
 ORDER = ("dense", "small_dense", "static", "set", "snfs", "rigl", "gmp", "rigl_2x")
 
+RIGL_PLUS = json.loads((ROOT / "configs" / "rigl_plus.json").read_text())["rigl"]
 
-def settings(seeds: int):
-    """Every (family, method, sparsity, distribution, seed) of the study, in the order they run."""
+#: RigL-plus candidates: name -> (method, options merged over the paper defaults). "mask_groups"
+#: set to True means the family's own split (rigl_ds.lm.MASK_GROUPS: GRU gates, GPT-2's fused Q/K/V).
+VARIANTS = {
+    "set": ("set", {}),
+    "rigl": ("rigl", {}),
+    "rigl+bias": ("rigl", {"grow_bias_correction": "per_entry"}),
+    "rigl+warmup": ("rigl", {"grow_warmup_steps": 25}),
+    "rigl+groups": ("rigl", {"mask_groups": True}),
+    "rigl+fan_in": ("rigl", {"constant_fan_in": True}),
+    "rigl+noskip": ("rigl", {"skip_optimizer_step_on_update": False}),
+    "rigl+dt50": ("rigl", {"delta_t": 50}),
+    "rigl+pool": ("rigl", {"grow_candidate_fraction": 0.5}),
+    "rigl+pool0.1": ("rigl", {"grow_candidate_fraction": 0.1}),
+    "rigl+fan_in+pool": ("rigl", {"constant_fan_in": True, "grow_candidate_fraction": 0.5}),
+    "rigl+fan_in+pool0.1": ("rigl", {"constant_fan_in": True, "grow_candidate_fraction": 0.1}),
+    "rigl+fan_in+pool0.1+noskip": (
+        "rigl",
+        {"constant_fan_in": True, "grow_candidate_fraction": 0.1, "skip_optimizer_step_on_update": False},
+    ),
+    # The recommended block: configs/rigl_plus.json (what won on the char-GRU cell).
+    "rigl+plus": ("rigl", {k: v for k, v in RIGL_PLUS.items() if k != "method"}),
+}
+#: The candidates ``--study all`` (the one-command study) runs; the others with ``--variants``.
+DEFAULT_PLUS = ("set", "rigl", "rigl+bias", "rigl+groups", "rigl+fan_in", "rigl+pool0.1", "rigl+plus")
+PLUS_CELL = (0.9, "erk")
+
+
+def settings(seeds: int, size: str = "cpu"):
+    """Every (family, method, sparsity, distribution, seed) of the main study, in the order they run."""
     for family in ("char_gru", "gpt"):
+        cells = SIZES[size][family].get("cells", CELLS)
         for seed in range(seeds):
             yield dict(family=family, method="dense", sparsity=0.0, distribution="-", seed=seed)
-            for sparsity in (0.8, 0.9):
+            for sparsity in sorted({c[0] for c in cells}):
                 yield dict(family=family, method="small_dense", sparsity=sparsity, distribution="-", seed=seed)
-                for distribution in ("erk", "uniform"):
+                for distribution in [d for s_, d in cells if s_ == sparsity]:
                     for method in (*METHODS, "rigl_2x"):
                         yield dict(
                             family=family, method=method, sparsity=sparsity, distribution=distribution, seed=seed
                         )
 
 
+def plus_settings(seeds: int, variants=None):
+    """The RigL-plus runs: every candidate of ``VARIANTS`` (or the names given) on each family's
+    90% ERK cell, plus dense and small dense there as the bounds."""
+    sparsity, distribution = PLUS_CELL
+    for family in ("char_gru", "gpt"):
+        for seed in range(seeds):
+            for name in variants or VARIANTS:
+                yield dict(family=family, method=name, sparsity=sparsity, distribution=distribution, seed=seed,
+                           study="plus")
+
+
 def key(run) -> str:
-    return f"{run['family']}/{run['method']}/{run['sparsity']}/{run['distribution']}/{run['seed']}"
+    study = "plus/" if run.get("study") == "plus" else ""
+    return f"{study}{run['family']}/{run['method']}/{run['sparsity']}/{run['distribution']}/{run['seed']}"
+
+
+def rigl_block(run: dict, common: dict) -> dict:
+    """The ``"rigl"`` block of a sparse run: the method's, with a RigL-plus variant's options."""
+    if run.get("study") == "plus":
+        method, options = VARIANTS[run["method"]]
+        options = dict(options)
+        if options.get("mask_groups") is True:
+            options["mask_groups"] = MASK_GROUPS[_family(run["family"])]
+    else:
+        method, options = ("rigl" if run["method"] == "rigl_2x" else run["method"]), {}
+    block = {"method": method, "sparsity": run["sparsity"], "distribution": run["distribution"], "seed": run["seed"]}
+    if rigl_ds.METHODS[method].updates_masks:
+        block["delta_t"] = common["delta_t"]
+    return {**block, **options}
 
 
 def small_dense_sizes(family: str, spec: dict, vocab: int, sparsity: float) -> dict:
@@ -142,17 +217,10 @@ def train_one(run: dict, spec: dict, data: dict, common: dict, device: str) -> d
     model = build_model(_family(run["family"]), vocab, **sizes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"])
     steps = spec["steps"] * (2 if run["method"] == "rigl_2x" else 1)
+    schedule = lr_schedule(optimizer, spec, steps)
     sparse = None
     if run["method"] not in ("dense", "small_dense"):
-        block = {
-            "method": "rigl" if run["method"] == "rigl_2x" else run["method"],
-            "sparsity": run["sparsity"],
-            "distribution": run["distribution"],
-            "seed": run["seed"],
-        }
-        if rigl_ds.METHODS[block["method"]].updates_masks:
-            block["delta_t"] = common["delta_t"]
-        sparse = rigl_ds.sparsify(model, optimizer, block, total_steps=steps)
+        sparse = rigl_ds.sparsify(model, optimizer, rigl_block(run, common), total_steps=steps)
         probe = data["train"][: spec["batch"]]["input_ids"].to(device)
         sparse.measure_flops(probe, examples=probe.numel())
     step_fn = sparse.step if sparse else optimizer.step
@@ -166,6 +234,8 @@ def train_one(run: dict, spec: dict, data: dict, common: dict, device: str) -> d
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         step_fn()
         optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
     val = evaluate(model, data["validation"], max_blocks=common["eval_blocks"])
     params = sum(p.numel() for p in model.parameters())
     if sparse:
@@ -183,7 +253,28 @@ def train_one(run: dict, spec: dict, data: dict, common: dict, device: str) -> d
         "training_flops_vs_dense": sparse.training_flops.multiplier * steps / spec["steps"] if sparse else None,
         "seconds": round(time.time() - start, 1),
         "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
+        # Exploration (rigl_ds.exploration): fraction of masked entries ever active, fan-in spread.
+        **(sparse.exploration.summary() if sparse else {}),
     }
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, spec: dict, steps: int):
+    """Linear warm-up over ``spec["warmup"]`` steps, then cosine decay to ``lr_floor`` of the peak;
+    None (constant LR, as the char-GRU cells train) when the spec sets no warm-up."""
+    import math
+
+    warmup = spec.get("warmup")
+    if not warmup:
+        return None
+    floor = spec.get("lr_floor", 0.0)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def prepare(family: str, spec: dict, cache: Path) -> dict:
@@ -200,10 +291,10 @@ def prepare(family: str, spec: dict, cache: Path) -> dict:
 _DATA: dict = {}
 
 
-def _worker_run(size: str, run: dict, out: Path, device: str) -> dict:
-    """One run in a worker process (one intra-op thread: two single-thread workers get more out of
-    two cores than one process with two threads, for models this small)."""
-    torch.set_num_threads(1)
+def _worker_run(size: str, run: dict, out: Path, device: str, threads: int = 1) -> dict:
+    """One run in a worker process (one intra-op thread by default: two single-thread workers get
+    more out of two cores than one process with two threads, for models this small)."""
+    torch.set_num_threads(threads)
     config = SIZES[size]
     spec = config[run["family"]]
     if run["family"] not in _DATA:
@@ -211,7 +302,18 @@ def _worker_run(size: str, run: dict, out: Path, device: str) -> dict:
     return train_one(run, spec, _DATA[run["family"]], config, device)
 
 
-def run_study(size: str, out: Path, device: str, only: str | None, workers: int) -> list:
+def run_study(
+    size: str,
+    out: Path,
+    device: str,
+    only: str | None,
+    workers: int,
+    study: str = "all",
+    variants=None,
+    threads: int = 1,
+    methods=None,
+    seeds=None,
+) -> list:
     import concurrent.futures
     import multiprocessing
 
@@ -224,7 +326,13 @@ def run_study(size: str, out: Path, device: str, only: str | None, workers: int)
             if line.strip():
                 r = json.loads(line)
                 done[key(r)] = r
-    todo = [r for r in settings(config["seeds"]) if key(r) not in done and (only is None or r["family"] == only)]
+    wanted = []
+    n_seeds = seeds or config["seeds"]
+    if study in ("all", "main"):
+        wanted += [r for r in settings(n_seeds, size) if methods is None or r["method"] in methods]
+    if study in ("all", "plus"):
+        wanted += list(plus_settings(n_seeds, variants or (DEFAULT_PLUS if study == "all" else None)))
+    todo = [r for r in wanted if key(r) not in done and (only is None or r["family"] == only)]
     for family in {r["family"] for r in todo}:
         prepare(family, config[family], out / "cache")  # tokenizers and datasets caches, once, before the workers
     context = multiprocessing.get_context("spawn")
@@ -233,7 +341,7 @@ def run_study(size: str, out: Path, device: str, only: str | None, workers: int)
         concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool,
         tqdm(total=len(todo), desc="quality study", unit="run") as bar,
     ):
-        futures = [pool.submit(_worker_run, size, run, out, device) for run in todo]
+        futures = [pool.submit(_worker_run, size, run, out, device, threads) for run in todo]
         for future in concurrent.futures.as_completed(futures):
             result = future.result()
             f.write(json.dumps(result) + "\n")
@@ -251,6 +359,133 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _fmt(runs: list, field: str, digits: int = 3) -> str:
+    """Mean over the runs that recorded ``field`` (older results did not), or '-'."""
+    m, _ = _mean_std([r.get(field) for r in runs])
+    return "-" if m is None else f"{m:.{digits}f}"
+
+
+def _spread(values: list) -> str:
+    """mean ± std [min, max] of a cell's seeds."""
+    m, s = _mean_std(values)
+    return f"{m:.3f} ± {s:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def write_plus_report(plus: list, main: list, size: str, doc: Path) -> None:
+    """The RigL-plus section of ``doc``: each candidate against SET and faithful RigL on each family's
+    90% ERK cell (mean ± std [min, max] over seeds), dense and small dense from the main study as
+    bounds, the exploration metrics, and whether a candidate's seed range lies wholly below RigL's."""
+    if not plus:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparsity, dist = PLUS_CELL
+    lines = [
+        "## RigL-plus: candidate options against SET and faithful RigL",
+        "",
+        f"Produced by `python bench/quality_study.py --size {size} --study plus` (this section and its plot are "
+        "written by it). Each row is one `\"rigl\"` block (`VARIANTS` in the script) at "
+        f"{sparsity:.0%} {dist.upper()}, equal steps and data order, seeds 0-{SIZES[size]['seeds'] - 1}; "
+        "values are mean ± std [min, max] over seeds. *wins* = every seed better than every faithful-RigL "
+        "seed (non-overlapping ranges); *beats SET* the same against SET. ITOP rate: fraction of masked "
+        "entries ever active; fan-in CV: std / "
+        "mean of active inputs per output unit, averaged over layers.",
+        "",
+    ]
+    img_dir = doc.parent / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, (family, title, metric, unit) in zip(
+        axes,
+        (
+            ("char_gru", "Character-level GRU", "bits_per_char", "bits/char"),
+            ("gpt", "GPT-style transformer (BPE)", "perplexity", "perplexity"),
+        ),
+    ):
+        runs = {}
+        for r in plus:
+            if r["family"] == family:
+                runs.setdefault(r["method"], []).append(r)
+        if not runs:
+            continue
+        spec = SIZES[size][family]
+        bounds = {
+            "dense": [r for r in main if r["family"] == family and r["method"] == "dense"],
+            "small_dense": [
+                r for r in main if r["family"] == family and r["method"] == "small_dense" and r["sparsity"] == sparsity
+            ],
+        }
+        lines += [
+            f"### {title}, {sparsity:.0%} {dist.upper()}",
+            "",
+            ", ".join(f"{k} {v}" for k, v in spec["sizes"].items())
+            + f"; {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}"
+            + (f", warm-up {spec['warmup']} then cosine to {spec.get('lr_floor', 0)}x" if spec.get("warmup") else "")
+            + f"; mask updates every {SIZES[size]['delta_t']} steps unless the variant says otherwise.",
+            "",
+            f"| variant | options | n | val {unit} | vs RigL | vs SET | training FLOPs vs dense | ITOP rate "
+            "| fan-in CV (mean) | fan-in CV (max) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        ref = [r[metric] for r in runs.get("rigl", [])]
+        set_ = [r[metric] for r in runs.get("set", [])]
+        for name, rows in bounds.items():
+            if rows:
+                lines.append(
+                    f"| {name} (main study) | - | {len(rows)} | {_spread([r[metric] for r in rows])} | | | "
+                    f"{'1' if name == 'dense' else '-'} | | | |"
+                )
+        names = [v for v in VARIANTS if v in runs]
+        for name in names:
+            values = [r[metric] for r in runs[name]]
+            method, options = VARIANTS[name]
+
+            def ratio(other, values=values):
+                return f"{statistics.fmean(values) / statistics.fmean(other):.3f}" if other else "-"
+
+            wins = ref and name != "rigl" and max(values) < min(ref)
+            beats_set = set_ and name != "set" and max(values) < min(set_)
+            fl, _ = _mean_std([r["training_flops_vs_dense"] for r in runs[name]])
+            lines.append(
+                f"| {name}{' **wins**' if wins else ''}{' **beats SET**' if beats_set else ''} | "
+                f"`{json.dumps(options) if options else method}` | "
+                f"{len(values)} | {_spread(values)} | {ratio(ref)} | {ratio(set_)} | "
+                f"{'-' if fl is None else f'{fl:.3f}'} | {_fmt(runs[name], 'itop_rate')} | "
+                f"{_fmt(runs[name], 'fan_in_cv_mean')} | {_fmt(runs[name], 'fan_in_cv_max')} |"
+            )
+        lines.append("")
+        means = [statistics.fmean([r[metric] for r in runs[n]]) for n in names]
+        stds = [_mean_std([r[metric] for r in runs[n]])[1] for n in names]
+        colors = ["tab:gray" if n == "set" else "tab:red" if n == "rigl" else "tab:blue" for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+        for n, bound in bounds.items():
+            if bound:
+                ax.axhline(statistics.fmean([r[metric] for r in bound]), ls="--", lw=1, label=n,
+                           color="black" if n == "dense" else "tab:green")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        spread = max(stds + [0.01])
+        ax.set(ylabel=f"validation {unit}", title=f"{title}, {sparsity:.0%} {dist.upper()}",
+               ylim=(min(means) - 3 * spread, max(means) + 3 * spread))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = img_dir / "rigl_plus.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    lines += [f"![RigL-plus candidates](img/{png.name})", ""]
+    begin, end = "<!-- rigl-plus:begin -->", "<!-- rigl-plus:end -->"
+    section = "\n".join([begin, *lines, end])
+    text = doc.read_text() if doc.is_file() else "# Results\n\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
 def aggregate(results: list) -> dict:
     groups = {}
     for r in results:
@@ -258,12 +493,18 @@ def aggregate(results: list) -> dict:
     return groups
 
 
-def write_report(results: list, size: str, out: Path, doc: Path) -> None:
+def write_report(results: list, size: str, out: Path, doc: Path, sections: str = "all") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plus = [r for r in results if r.get("study") == "plus"]
+    results = [r for r in results if r.get("study") != "plus"]
+    write_plus_report(plus, results, size, doc)
+    if sections == "plus":
+        print(f"wrote the RigL-plus section of {doc}")
+        return
     groups = aggregate(results)
     lines = [
         "## Quality study",
@@ -275,7 +516,7 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
         "model for the standard number of steps.",
         "",
     ]
-    expected = sum(1 for _ in settings(SIZES[size]["seeds"]))
+    expected = sum(1 for _ in settings(SIZES[size]["seeds"], size))
     if len(results) < expected:
         lines += [
             f"**Incomplete: {len(results)} of {expected} runs have finished.** Cells with n below "
@@ -298,13 +539,14 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
             f"### {title}",
             "",
             ", ".join(f"{k} {v}" for k, v in spec["sizes"].items())
-            + f"; {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}, "
-            f"mask updates every {SIZES[size]['delta_t']} steps.",
+            + f"; {spec['steps']} steps of {spec['batch']} x {spec['seq']} tokens, Adam {spec['lr']}"
+            + (f" (warm-up {spec['warmup']} steps, cosine to {spec.get('lr_floor', 0)}x)" if spec.get("warmup") else "")
+            + f", mask updates every {SIZES[size]['delta_t']} steps.",
             "",
             f"| method | sparsity | distribution | n | params | val {unit} |"
             + (" val bits/char |" if metric != "bits_per_char" else "")
-            + " training FLOPs vs dense |",
-            "|---|---|---|---|---|---|---|" + ("---|" if metric != "bits_per_char" else ""),
+            + " training FLOPs vs dense | ITOP rate | fan-in CV (mean) |",
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if metric != "bits_per_char" else ""),
         ]
 
         def order(item):
@@ -319,7 +561,7 @@ def write_report(results: list, size: str, out: Path, doc: Path) -> None:
             bits = f" {b:.4f} ± {bs:.4f} |" if metric != "bits_per_char" else ""
             lines.append(
                 f"| {method} | {sparsity:.1f} | {dist} | {len(runs)} | {runs[0]['params']:,} | {m:.3f} ± {s:.3f} |"
-                f"{bits} {flops} |"
+                f"{bits} {flops} | {_fmt(runs, 'itop_rate')} | {_fmt(runs, 'fan_in_cv_mean')} |"
             )
         lines.append("")
         # The paper's claim at equal sparsity and steps: RigL >= SNFS > SET > static (lower metric is better).
@@ -394,17 +636,40 @@ def main() -> None:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (CPU)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per run")
+    p.add_argument("--study", choices=["all", "main", "plus"], default="all")
+    p.add_argument("--variants", default=None, help=f"plus study: comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default=None, help="main study: comma-separated subset of its methods")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the size's)")
+    p.add_argument(
+        "--sections", choices=["all", "plus"], default="all", help="docs/results.md sections to rewrite"
+    )
     args = p.parse_args()
+    variants = args.variants.split(",") if args.variants else None
+    unknown = [v for v in variants or [] if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     out = args.out or ROOT / "runs" / "quality" / args.size
     if args.report_only:
         results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     else:
         start = time.time()
-        results = run_study(args.size, out, args.device, args.family, args.workers)
+        results = run_study(
+            args.size,
+            out,
+            args.device,
+            args.family,
+            args.workers,
+            args.study,
+            variants,
+            args.threads,
+            args.methods.split(",") if args.methods else None,
+            args.seeds,
+        )
         wall = out / "wall_seconds.txt"
         previous = float(wall.read_text()) if wall.is_file() else 0.0
         wall.write_text(str(previous + time.time() - start))
-    write_report(results, args.size, out, args.doc)
+    write_report(results, args.size, out, args.doc, args.sections)
 
 
 if __name__ == "__main__":

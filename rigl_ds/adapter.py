@@ -13,8 +13,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .config import RigLConfig, RigLConfigError
+from .config import SINGLE_PROCESS_KEYS, RigLConfig, RigLConfigError
 from .controller import SparseController
+from .fan_in import output_axes, unit_plan
 from .layers import find_sparse_weights, global_shape
 from .pipeline import pipeline_grid, stage_plan
 from .plan import SparsityPlan, build_plan
@@ -22,18 +23,22 @@ from .shards import Collectives, Shard
 
 
 def plan_for_model(
-    model: torch.nn.Module, config: RigLConfig
+    model: torch.nn.Module, config: RigLConfig, single_process: bool = False
 ) -> Tuple[Dict[str, torch.nn.Parameter], SparsityPlan]:
     """The weights this process masks and their plan, from global shapes (a ZeRO-3 partitioned
     parameter counts at its full shape); on a pipeline stage, its part of the whole model's plan (a
     collective over the pipe group: every stage calls it together). Raises ``RigLConfigError``
-    naming the key when the block does not fit the model (a pattern that matches nothing, ...)."""
+    naming the key when the block does not fit the model (a pattern that matches nothing, ...).
+    ``single_process``: as for :func:`start_controller`."""
+    if not single_process:
+        refuse_single_process_keys(config)
     try:
         grid = pipeline_grid(model)
         if grid is not None:
             return stage_plan(model, config, grid)
         weights = find_sparse_weights(model, config.modules)
-        return weights, build_plan(config, {n: global_shape(p) for n, p in weights.items()})
+        plan = build_plan(config, {n: global_shape(p) for n, p in weights.items()})
+        return weights, unit_plan(plan, output_axes(model))  # constant fan-in / N:M pools, when set
     except ValueError as exc:
         raise RigLConfigError(str(exc)) from None
 
@@ -47,15 +52,39 @@ def start_controller(
     *,
     defer_total_steps: bool = False,
     on_masks_changed: Optional[Callable[[], None]] = None,
+    single_process: bool = False,
 ) -> SparseController:
     """The controller over ``shards``, its masks initialised (exact counts at the method's starting
     sparsity, masked weights and state zeroed). ``on_masks_changed`` (compact optimizer state
-    re-packing itself) runs at initialisation and after every later change of the masks."""
+    re-packing itself) runs at initialisation and after every later change of the masks.
+    ``single_process``: the plain-PyTorch path (whole tensors); every other caller is the sharded
+    path, which refuses the keys it does not implement yet (``refuse_single_process_keys``)."""
+    if not single_process:
+        refuse_single_process_keys(config)
     controller = SparseController(config, plan, shards, comm, total_steps, defer_total_steps=defer_total_steps)
     if on_masks_changed is not None:
         controller.mask_listeners.append(on_masks_changed)
     controller.initialize_masks()
     return controller
+
+
+def refuse_single_process_keys(config: RigLConfig) -> None:
+    """Raises ``RigLConfigError`` naming each ``SINGLE_PROCESS_KEYS`` key set away from its default:
+    the sharded (DeepSpeed) path does not implement them exactly yet, and never degrades silently."""
+    bad = [
+        key
+        for key in SINGLE_PROCESS_KEYS
+        if getattr(config, key) != RigLConfig.model_fields[key].default
+    ]
+    if bad:
+        raise RigLConfigError(
+            "; ".join(
+                f"rigl.{key}: {getattr(config, key)!r} is implemented on the single-process path "
+                "(rigl_ds.sparsify) only, not yet on the sharded DeepSpeed path; leave it at its default "
+                f"({RigLConfig.model_fields[key].default!r}) here"
+                for key in bad
+            )
+        )
 
 
 def mark_step_skipped(optimizer: torch.optim.Optimizer) -> None:

@@ -13,6 +13,13 @@ Layout, inside a checkpoint's tag folder (beside DeepSpeed's own files)::
                                      number of pipeline stages (pipelined engines only), each rank
                                      file's size and sha256, and DeepSpeed's files with their sizes
 
+Each rank file's ``"masks"`` holds, per layer, the mask of the rank's range [offset, offset + numel)
+as its packed bits (format 3): a uint8 tensor of ``ceil(numel / 8)`` bytes, entry ``i`` at bit
+``i % 8`` of byte ``i // 8`` (``rigl_ds.bits.pack``, padding bits zero), with ``"mask_numel"``
+(layer name -> numel) to unpack it. Formats 1 and 2 saved a bool tensor of ``numel`` entries per
+layer and no ``"mask_numel"``; every reader here (and ``SparseController.load_state_dict``) takes
+either, per tensor by its dtype (``saved_mask_bits``, ``saved_mask_range``, ``saved_mask``).
+
 Saves are crash-consistent: each file is written under a temporary name, fsync'd and renamed into
 place; ``complete.json`` is written only once every rank's file (and DeepSpeed's) is in place, of
 every pipeline stage, and ``<save_dir>/latest`` moves to the tag only after that. A checkpoint
@@ -36,11 +43,14 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import faults
+from . import bits, faults
 
 logger = logging.getLogger("rigl_ds")
 
-FORMAT = 2  # 1: rank files only (before the completeness record); 2: with complete.json
+# 1: rank files only (before the completeness record); 2: with complete.json; 3: masks saved as
+# packed bits with "mask_numel" (bool tensors before). Readers take all three.
+FORMAT = 3
+RECORDED = 2  # the first format written with complete.json
 FOLDER = "rigl_ds"
 RECORD = "complete.json"
 LATEST = "latest"
@@ -298,7 +308,7 @@ def _verify_legacy(folder: str) -> Manifest:
     if not present:
         raise IncompleteCheckpointError(f"{folder} holds neither {RECORD} nor any rank file: the save did not finish")
     first = _load_file(os.path.join(folder, present[0]), None)
-    if int(first.get("format", 1)) >= FORMAT:
+    if int(first.get("format", 1)) >= RECORDED:
         raise IncompleteCheckpointError(
             f"{os.path.join(folder, RECORD)} is missing: the save of this checkpoint did not finish"
         )
@@ -425,8 +435,13 @@ def reslice(
 ) -> Dict[str, Any]:
     """Masks and per-entry method state for ``ranges``, cut from every saved rank's ranges (of
     pipeline stage ``stage``, which alone holds those layers); the rest of the state (step, counts,
-    config) from ``template``."""
-    masks = {name: torch.zeros(numel, dtype=torch.bool) for name, (_, numel) in ranges.items()}
+    config) from ``template``. The masks come in the format the files hold (``template``'s): packed
+    bits, assembled bit-exactly at any offset one saved range at a time; bool for older files."""
+    packed = "mask_numel" in template
+    if packed:
+        masks = {name: torch.zeros(bits.packed_numel(numel), dtype=torch.uint8) for name, (_, numel) in ranges.items()}
+    else:
+        masks = {name: torch.zeros(numel, dtype=torch.bool) for name, (_, numel) in ranges.items()}
     method: Dict[str, torch.Tensor] = {}
     for saved in iter_rank_states(manifest, stage):
         for name, (offset, want) in ranges.items():
@@ -434,7 +449,10 @@ def reslice(
             lo, hi = max(start, offset), min(start + numel, offset + want)
             if lo >= hi:
                 continue
-            masks[name][lo - offset : hi - offset] = saved["masks"][name][lo - start : hi - start]
+            if packed:
+                _copy_bits(masks[name], lo - offset, saved, name, lo - start, hi - lo)
+            else:
+                masks[name][lo - offset : hi - offset] = saved_mask_range(saved, name, lo - start, hi - lo)
             for key, value in saved["method_state"].items():
                 # Per-entry method state is keyed "<what>.<layer>" and has one value per saved entry.
                 if key.endswith("." + name) and value.numel() == numel:
@@ -442,31 +460,113 @@ def reslice(
                     dest[lo - offset : hi - offset] = value[lo - start : hi - start]
     state = dict(template)
     state["masks"] = masks
+    if packed:
+        state["mask_numel"] = {name: numel for name, (_, numel) in ranges.items()}
     state["method_state"] = method
     state["ranges"] = dict(ranges)
     return state
 
 
 def whole_masks(folder: str) -> Dict[str, torch.Tensor]:
-    """Every masked layer's whole mask, shaped like its weight, from a verified rigl_ds folder (of
-    every pipeline stage: each stage's files hold its own layers)."""
-    manifest = verify(folder)
-    masks: Dict[str, torch.Tensor] = {}
-    covered: Dict[str, torch.Tensor] = {}
+    """Every masked layer's whole mask (bool), shaped like its weight, from a verified rigl_ds folder
+    (of every pipeline stage: each stage's files hold its own layers). Assembled as packed bits, one
+    file in memory at a time, and unpacked layer by layer at the end."""
+    packed: Dict[str, torch.Tensor] = {}
+    covered: Dict[str, List[Tuple[int, int]]] = {}
     shapes: Dict[str, Tuple[int, ...]] = {}
-    for saved in iter_rank_states(manifest):
+    for saved in iter_rank_states(verify(folder)):
         for name, (start, numel) in saved["ranges"].items():
-            if name not in masks:
+            if name not in packed:
                 shapes[name] = tuple(saved["shapes"][name])
-                size = int(torch.Size(shapes[name]).numel())
-                masks[name] = torch.zeros(size, dtype=torch.bool)
-                covered[name] = torch.zeros(size, dtype=torch.bool)
-            masks[name][start : start + numel] = saved["masks"][name].reshape(-1)
-            covered[name][start : start + numel] = True
-    gaps = [n for n, c in covered.items() if not bool(c.all())]
+                packed[name] = torch.zeros(bits.packed_numel(int(torch.Size(shapes[name]).numel())), dtype=torch.uint8)
+                covered[name] = []
+            if numel:
+                _copy_bits(packed[name], start, saved, name, 0, numel)
+                covered[name].append((start, start + numel))
+    gaps = [n for n, spans in covered.items() if not _covers(spans, int(torch.Size(shapes[n]).numel()))]
     if gaps:
         raise IncompleteCheckpointError(f"{folder}: the saved ranks do not cover every entry of {gaps[:5]}")
-    return {n: m.view(shapes[n]) for n, m in masks.items()}
+    out: Dict[str, torch.Tensor] = {}
+    for name in list(packed):
+        size = int(torch.Size(shapes[name]).numel())
+        out[name] = bits.unpack(packed.pop(name), size).clone().view(shapes[name])
+    return out
+
+
+def _covers(spans: List[Tuple[int, int]], size: int) -> bool:
+    reached = 0
+    for lo, hi in sorted(spans):
+        if lo > reached:
+            return False
+        reached = max(reached, hi)
+    return reached >= size
+
+
+# -- masks inside a saved state: packed bits (format 3) or bool (formats 1 and 2) --------------------
+def _saved_mask(state: Mapping[str, Any], name: str) -> Tuple[torch.Tensor, int]:
+    """``name``'s saved mask, flat, and its number of entries: uint8 packed bits, or bool."""
+    mask = state["masks"][name]
+    if mask.dtype == torch.bool:
+        return mask.reshape(-1), mask.numel()
+    numel = state.get("mask_numel", {}).get(name)
+    if mask.dtype != torch.uint8 or numel is None:
+        got = f"{mask.dtype}" + ("" if numel is not None else ", and the state has no mask_numel for it")
+        raise ValueError(f"{name}: a saved mask is bool, or uint8 bits with its entries in mask_numel; got {got}")
+    numel = int(numel)
+    if mask.numel() != bits.packed_numel(numel):
+        raise ValueError(f"{name}: {numel} saved entries need {bits.packed_numel(numel)} bytes, got {mask.numel()}")
+    return mask.reshape(-1), numel
+
+
+def saved_mask_numel(state: Mapping[str, Any], name: str) -> int:
+    """Entries of ``name``'s mask in a saved state (the range the saving process held)."""
+    return _saved_mask(state, name)[1]
+
+
+def saved_mask_bits(state: Mapping[str, Any], name: str) -> Tuple[torch.Tensor, int]:
+    """``name``'s saved mask as packed bits (a new tensor, padding bits zero) and its entries, from
+    either format: a bool mask (formats 1, 2) is packed here, one layer at a time."""
+    mask, numel = _saved_mask(state, name)
+    if mask.dtype == torch.bool:
+        return bits.pack(mask), numel
+    out = mask.clone()
+    if numel % 8:
+        out[-1] &= (1 << (numel % 8)) - 1
+    return out, numel
+
+
+def saved_mask_range(state: Mapping[str, Any], name: str, start: int, numel: int) -> torch.Tensor:
+    """Entries [start, start + numel) of ``name``'s saved mask (counted from the start of the saved
+    range) as a bool tensor, unpacking only the bytes they live in."""
+    mask, total = _saved_mask(state, name)
+    if start < 0 or numel < 0 or start + numel > total:
+        raise ValueError(f"{name}: entries [{start}, {start + numel}) outside the saved mask's {total}")
+    if mask.dtype == torch.bool:
+        return mask[start : start + numel]
+    return bits.unpack_range(mask, start, numel)
+
+
+def saved_mask(state: Mapping[str, Any], name: str) -> torch.Tensor:
+    """``name``'s whole saved mask as a flat bool tensor, from either format."""
+    return saved_mask_range(state, name, 0, saved_mask_numel(state, name))
+
+
+def _copy_bits(dest: torch.Tensor, at: int, state: Mapping[str, Any], name: str, start: int, numel: int) -> None:
+    """Writes entries [start, start + numel) of ``name``'s saved mask into the packed bits ``dest`` at
+    entries [at, at + numel): whole bytes copied where both sides are byte-aligned, the rest (and any
+    unaligned range) through a bool tensor of that range alone."""
+    mask, _ = _saved_mask(state, name)
+    if mask.dtype == torch.uint8 and at % 8 == 0 and start % 8 == 0:
+        whole = numel // 8
+        dest[at // 8 : at // 8 + whole] = mask[start // 8 : start // 8 + whole]
+        at, start, numel = at + whole * 8, start + whole * 8, numel - whole * 8
+    if numel == 0:
+        return
+    values = saved_mask_range(state, name, start, numel)
+    first, last = at // 8, (at + numel + 7) // 8
+    span = bits.unpack(dest[first:last], (last - first) * 8)  # a new tensor: the bytes written into
+    span[at - first * 8 : at - first * 8 + numel] = values
+    dest[first:last] = bits.pack(span)
 
 
 def _load_file(path: str, entry: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 DISTRIBUTIONS = ("uniform", "er", "erk", "global")
 DROP_FRACTION_SCHEDULES = ("cosine", "constant", "linear")
 GROW_INITS = ("zeros", "random_normal")
+GROW_BIAS_CORRECTIONS = ("global", "per_entry")
+#: Keys whose non-default value only the single-process path (``rigl_ds.sparsify``) implements
+#: exactly today; the sharded (DeepSpeed) path refuses them at start-up, by name.
+SINGLE_PROCESS_KEYS = ("grow_bias_correction", "grow_warmup_steps", "constant_fan_in", "n_m")
 
 
 class RigLConfigError(ValueError):
@@ -66,6 +70,13 @@ class RigLConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     compact_optimizer_state: bool = False
     compact_master_weights: bool = False
+    storage: Literal["masked", "packed"] = "masked"
+    # RigL-plus options (docs/results.md, "RigL-plus"); each default is the paper's behaviour.
+    grow_bias_correction: Literal["global", "per_entry"] = "global"
+    grow_warmup_steps: int = Field(default=0, ge=0)
+    constant_fan_in: bool = False
+    n_m: Optional[List[int]] = None
+    grow_candidate_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -97,6 +108,42 @@ class RigLConfig(BaseModel):
             raise ValueError("must be a non-empty list of non-empty name patterns, or null for the default")
         return value
 
+    @field_validator("n_m")
+    @classmethod
+    def _n_of_m(cls, value: Optional[List[int]]) -> Optional[List[int]]:
+        if value is not None and (len(value) != 2 or not (1 <= value[0] < value[1])):
+            raise ValueError("must be [N, M] with 1 <= N < M (N active in every M consecutive inputs), or null")
+        return value
+
+    def _check_plus_options(self) -> None:
+        """The RigL-plus keys: what each needs from the rest of the block."""
+        method = self.method_class
+        for key in ("grow_bias_correction", "grow_warmup_steps"):
+            if key in self.model_fields_set and getattr(self, key) != RigLConfig.model_fields[key].default:
+                if not method.updates_masks:
+                    raise ValueError(f"{key}: method {self.method!r} never grows entries; leave it at its default")
+        if self.grow_bias_correction == "per_entry" and self.compact_optimizer_state:
+            raise ValueError(
+                "grow_bias_correction 'per_entry' reads dense Adam state; set compact_optimizer_state: false"
+            )
+        structured = self.constant_fan_in or self.n_m is not None
+        plus = [k for k in SINGLE_PROCESS_KEYS if getattr(self, k) != RigLConfig.model_fields[k].default]
+        if plus and getattr(self, "storage", "masked") != "masked":
+            raise ValueError(f"{plus[0]}: implemented for storage 'masked' (the default) only")
+        if structured and self.distribution == "global":
+            raise ValueError(
+                f"{'n_m' if self.n_m is not None else 'constant_fan_in'}: needs a per-layer distribution "
+                "(erk, er, uniform), not 'global'"
+            )
+        if self.n_m is not None:
+            n, m = self.n_m
+            if abs(self.sparsity - (1.0 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"n_m {self.n_m} fixes sparsity at 1 - {n}/{m} = {1 - n / m}; got sparsity {self.sparsity}"
+                )
+            if self.custom_sparsity:
+                raise ValueError("n_m fixes every masked layer's sparsity; custom_sparsity cannot be combined with it")
+
     @model_validator(mode="after")
     def _consistent(self) -> "RigLConfig":
         method = self.method_class
@@ -108,14 +155,35 @@ class RigLConfig(BaseModel):
         if both:
             raise ValueError(f"layers both in dense_layers and custom_sparsity: {sorted(both)}")
         method.check_config(self)
+        self._check_plus_options()
         if self.compact_master_weights and not self.compact_optimizer_state:
             raise ValueError("compact_master_weights needs compact_optimizer_state: true")
+        if self.storage == "packed":
+            self._check_packed(method)
         for key in RigLConfig.model_fields:
             if key in self.model_fields_set and key not in method.own_keys:
                 owners = [repr(name) for name, cls in _registered_methods().items() if key in cls.own_keys]
                 if owners:
                     raise ValueError(f"{key} is a setting of method {' or '.join(owners)} only")
         return self
+
+    def _check_packed(self, method: Type["SparseMethod"]) -> None:
+        """Packed storage holds a fixed number of slots per layer and no state at masked entries."""
+        if not method.keeps_counts:
+            raise ValueError(
+                f'storage: "packed" holds a fixed count per layer, and method {self.method!r} changes counts; '
+                'use storage: "masked" (the default) with it'
+            )
+        if self.distribution == "global":
+            raise ValueError(
+                'storage: "packed" holds a fixed count per layer, and distribution "global" moves counts '
+                'between layers at every update; use "erk", "er" or "uniform", or storage: "masked"'
+            )
+        if self.compact_optimizer_state or self.compact_master_weights:
+            raise ValueError(
+                'storage: "packed" already keeps optimizer state and master weights for active entries only; '
+                "compact_optimizer_state and compact_master_weights are for storage: \"masked\" (leave them false)"
+            )
 
     @property
     def method_class(self) -> Type["SparseMethod"]:
@@ -169,11 +237,13 @@ def _format_errors(err: ValidationError) -> str:
             "distribution",
             "drop_fraction_schedule",
             "grow_init",
+            "grow_bias_correction",
         ):
             allowed = {
                 "distribution": DISTRIBUTIONS,
                 "drop_fraction_schedule": DROP_FRACTION_SCHEDULES,
                 "grow_init": GROW_INITS,
+                "grow_bias_correction": GROW_BIAS_CORRECTIONS,
             }[e["loc"][0]]
             msg = f"allowed values: {', '.join(allowed)}"
         got = e.get("input")
@@ -219,6 +289,9 @@ MASK_DEFINING_KEYS = (
     "initial_sparsity",
     "compact_optimizer_state",
     "compact_master_weights",
+    "storage",
+    "constant_fan_in",
+    "n_m",
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .checkpoint import saved_mask_bits
 from .config import RigLConfig
 from .masks import UpdateStats, apply_masks, check_counts, gradients_finite, init_masks, mask_gradients, pool_counts
 from .methods import METHODS
@@ -59,6 +60,11 @@ class SparseController:
         # Called with no arguments whenever the masks change (initialisation, an update, a checkpoint
         # load), before the next optimizer step: compact optimizer state re-packs itself there.
         self.mask_listeners: List[Callable[[], None]] = []
+        # Called with ("start", step) just before a mask update begins and ("end", step) once it is
+        # over, with the step the update ran at: "end" comes after the masks changed (and the
+        # ``mask_listeners`` ran) and after the adapter's own part of the update (``after_step``'s
+        # ``after_update``), and also when the update raised. Not called on steps without an update.
+        self.update_listeners: List[Callable[[str, int], None]] = []
 
     def set_total_steps(self, total_steps: int) -> None:
         """Sets the step count ``end_fraction`` is taken of, after construction (``defer_total_steps``,
@@ -148,12 +154,21 @@ class SparseController:
             mask_gradients(self.shards)
         return run_step
 
-    def after_step(self, stepped: bool, applied: bool = True, mask_weights: bool = True) -> None:
+    def after_step(
+        self,
+        stepped: bool,
+        applied: bool = True,
+        mask_weights: bool = True,
+        after_update: Optional[Callable[[], None]] = None,
+    ) -> None:
         """Runs after the optimizer step (or in its place when it was skipped). ``applied``: whether
         the framework counts the step as taken (DeepSpeed's ``was_step_applied()``: False when its
         loss scaler skipped the step for an overflow). The schedule, like the LR schedule, advances
         only on applied steps, and an update due after such a step waits for the next one.
-        ``mask_weights=False``: the adapter has re-masked what the optimizer stepped itself."""
+        ``mask_weights=False``: the adapter has re-masked what the optimizer stepped itself.
+        ``after_update``: what the adapter must do when masks change here, after the optimizer step
+        (DeepSpeed: copy the re-masked fp32 weights into the low-precision ones); run as part of the
+        update, before its "end" event, and only when an update ran."""
         if stepped and mask_weights:
             apply_masks(self.shards)
         if not applied:
@@ -163,7 +178,7 @@ class SparseController:
             self._update_after_step = False
             return
         if self._update_after_step:
-            self._update(self.step)
+            self._update(self.step, after_update)
             self._update_after_step = False
         self.step += 1
 
@@ -179,7 +194,18 @@ class SparseController:
         """Whether the step that just ran changed masks (for FLOPs accounting and logs)."""
         return self._is_update_step
 
-    def _update(self, t: int) -> None:
+    def _update(self, t: int, after_update: Optional[Callable[[], None]] = None) -> None:
+        for listener in self.update_listeners:
+            listener("start", t)
+        try:
+            self._run_update(t)
+            if after_update is not None:
+                after_update()
+        finally:
+            for listener in self.update_listeners:
+                listener("end", t)
+
+    def _run_update(self, t: int) -> None:
         comm_before, start = self.comm.stats.copy(), time.perf_counter()
         stats = self.method.update(self.shards, self.comm, t)
         spent = self.comm.stats - comm_before
@@ -232,7 +258,12 @@ class SparseController:
         ]
 
     def state_dict(self) -> Dict[str, Any]:
-        """This process's masks (its shards) and the method's state: enough to resume bit-identically."""
+        """This process's masks (its shards) and the method's state: enough to resume bit-identically.
+
+        Each mask as its packed bits (a copy of ``shard.mask_bits``: uint8, ``ceil(numel / 8)`` bytes,
+        ``rigl_ds.bits`` order), with its entries in ``"mask_numel"``: no layer's mask is unpacked to
+        bool here. ``load_state_dict`` (and ``rigl_ds.checkpoint``) also take the bool masks that
+        states held before (``"masks"`` of bool tensors, no ``"mask_numel"``)."""
         return {
             "step": self.step,
             "last_update": self.last_update,
@@ -240,7 +271,8 @@ class SparseController:
             "updates": self.updates,
             "last_drop_fraction": self.last_drop_fraction,
             "config": self.config.model_dump(),
-            "masks": {s.layer.name: s.mask for s in self.shards},  # bool on disk: readable without rigl_ds
+            "masks": {s.layer.name: s.mask_bits.clone() for s in self.shards},
+            "mask_numel": {s.layer.name: s.numel for s in self.shards},
             "pool_counts": self.active_counts(),
             "method_state": self.method.state_dict(self.shards),
         }
@@ -266,11 +298,11 @@ class SparseController:
         missing = [s.layer.name for s in self.shards if s.layer.name not in masks]
         if missing:
             raise ValueError(f"checkpoint has no masks for {missing[:5]}")
-        for s in self.shards:
-            m = masks[s.layer.name]
-            if m.numel() != s.numel:
-                raise ValueError(f"{s.layer.name}: checkpoint mask has {m.numel()} entries, this shard {s.numel}")
-            s.mask = m.reshape(-1)
+        for s in self.shards:  # one layer at a time: a bool mask (older states) is packed here
+            packed, numel = saved_mask_bits(state, s.layer.name)
+            if numel != s.numel:
+                raise ValueError(f"{s.layer.name}: checkpoint mask has {numel} entries, this shard {s.numel}")
+            s.mask_bits = packed.to(s.device)
         check_counts(
             self.shards, self.comm, self.plan.n_pools, torch.as_tensor(state["pool_counts"]), "checkpoint load"
         )

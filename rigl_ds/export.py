@@ -108,6 +108,32 @@ def _stage_masters(folder: str, mp_rank: str, dp_world: int) -> Dict[str, torch.
     return {param: torch.cat(parts).float() for param, parts in fragments.items()}
 
 
+_PACKED = re.compile(r"^(?P<module>.*)\.parametrizations\.(?P<name>[^.]+)\.original$")
+
+
+def _unpacked(weights: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A ``"storage": "packed"`` checkpoint holds each masked weight as its active values and their
+    positions (``<module>.parametrizations.<name>.original`` and ``...<name>.0.positions``): each
+    becomes the dense weight under its own name, as a dense run's checkpoint holds it."""
+    out = dict(weights)
+    for key, values in weights.items():
+        m = _PACKED.match(key)
+        if m is None:
+            continue
+        dense_name = f"{m['module']}.{m['name']}" if m["module"] else m["name"]
+        positions_key = f"{m['module']}.parametrizations.{m['name']}.0.positions"
+        if positions_key not in weights:
+            raise KeyError(f"packed weight {dense_name!r}: the checkpoint has its values but no {positions_key!r}")
+        if dense_name not in masks:
+            raise KeyError(f"packed weight {dense_name!r} has no mask in the rigl_ds checkpoint")
+        shape = masks[dense_name].shape
+        positions = weights[positions_key].reshape(-1).long()
+        dense = torch.zeros(shape.numel(), dtype=torch.float32).index_put_((positions,), values.reshape(-1).float())
+        out[dense_name] = dense.view(shape)
+        del out[key], out[positions_key]
+    return out
+
+
 def _load(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -124,6 +150,7 @@ def export(checkpoint_dir: str, output_dir: str, tag: Optional[str] = None, conf
     folder = checkpoint.rigl_folder(tag_dir)
     masks = whole_masks(folder)
     weights = _weights(checkpoint_dir, tag, pipelined=checkpoint.verify(folder).num_stages is not None)
+    weights = _unpacked(weights, masks)
     layers, total, active = [], 0, 0
     for name, mask in masks.items():
         if name not in weights:

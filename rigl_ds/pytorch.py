@@ -20,9 +20,13 @@ from torch import nn
 
 from .adapter import UpdateWatch, mark_step_skipped, plan_for_model, start_controller
 from .compact import CompactOptimizer
-from .config import ConfigLike, RigLConfig, load_config
+from .config import ConfigLike, RigLConfig, RigLConfigError, load_config
+from .exploration import ExplorationTracker
+from .fan_in import output_axes
 from .flops import FlopsMeter, FlopsReport, TrainingFlops, weight_uses
+from .grown import GrownEntrySteps
 from .masks import keep_active
+from .packed import dense_state_dict, pack_model
 from .shards import LocalCollectives, WholeTensorShard
 
 
@@ -39,22 +43,48 @@ class SparseTraining:
         self.config: RigLConfig = load_config(config)
         self.model = model
         self.optimizer = optimizer
-        weights, plan = plan_for_model(model, self.config)
+        weights, plan = plan_for_model(model, self.config, single_process=True)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         absent = [layer.name for layer in plan.layers if id(weights[layer.name]) not in in_optimizer]
         if absent:
             raise ValueError(f"masked weights are not in the optimizer's param_groups: {absent[:5]}")
         self.plan = plan
+        self.packed = self.config.storage == "packed"
+        if self.packed and isinstance(optimizer, CompactOptimizer):
+            raise RigLConfigError(
+                'rigl.storage: "packed" keeps optimizer state for active entries only by itself; '
+                "pass a plain torch optimizer, not a CompactOptimizer"
+            )
         self.shards = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         repack = self._repack_optimizer_state if isinstance(optimizer, CompactOptimizer) else None
         self.controller = start_controller(
-            self.config, plan, self.shards, LocalCollectives(), total_steps, on_masks_changed=repack
+            self.config,
+            plan,
+            self.shards,
+            LocalCollectives(),
+            total_steps,
+            on_masks_changed=repack,
+            single_process=True,
         )
+        if self.packed:
+            # Masks were chosen on the dense weights; from here on only the active values are kept.
+            self.shards = self.controller.shards = pack_model(model, self.shards, weights, optimizer)
+            del weights
+        # RigL-plus: the optimizer steps of grown entries (a no-op unless the block asks for it).
+        self.grown = GrownEntrySteps(self.config, self.shards, optimizer)
+        if self.grown.active:
+            self.grown.masks_changed()
+            self.controller.mask_listeners.append(self.grown.masks_changed)
+        self.exploration = ExplorationTracker(self.controller, output_axes(model))
         self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient
-        self._hooks = [
-            shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(i, shard))
-            for i, shard in enumerate(self.shards)
-        ]
+        if self.packed:
+            self._hooks = []  # nothing masked to zero in a gradient
+            self._arm_dense_gradients()
+        else:
+            self._hooks = [
+                shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(i, shard))
+                for i, shard in enumerate(self.shards)
+            ]
         self._flops: Optional[FlopsMeter] = None  # set by measure_flops
         self._examples = 1
         self.training_flops = TrainingFlops()
@@ -72,6 +102,13 @@ class SparseTraining:
 
         return mask_accumulated_grad
 
+    def _arm_dense_gradients(self) -> None:
+        """Packed storage: the coming backward hands over dense gradients only if this step reads them."""
+        c = self.controller
+        wanted = c.method.needs_dense_gradients(c.step, c.last_update)
+        for shard in self.shards:
+            shard.capture_dense_gradient(wanted)
+
     def remove(self) -> None:
         """Detaches the gradient hooks (the model keeps its zeros; masks are no longer enforced)."""
         for hook in self._hooks:
@@ -83,13 +120,20 @@ class SparseTraining:
         masked weights at zero and updates masks on schedule."""
         step = self.controller.step
         updated = UpdateWatch(self.controller)
-        run = self.controller.before_step(grads_already_masked=all(m == step for m in self._masked_at_step))
+        masked = self.packed or all(m == step for m in self._masked_at_step)
+        run = self.controller.before_step(grads_already_masked=masked)
         loss = None
         if run:
+            if self.grown.active:
+                self.grown.before_step()
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            if self.grown.active:
+                self.grown.after_step()
         else:
             mark_step_skipped(self.optimizer)  # a deliberate skip (RigL update step)
         self.controller.after_step(run)
+        if self.packed:
+            self._arm_dense_gradients()
         if self._flops is not None:
             update_step = updated.changed()
             if update_step:
@@ -129,6 +173,11 @@ class SparseTraining:
             raise RuntimeError("call measure_flops(example_inputs) first")
         return self._flops.report_at(self.layer_report())
 
+    def dense_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The model's state dict with every masked weight dense under its own name, whatever the
+        storage: what a plain model of the same class loads (``"packed"``: parametrizations resolved)."""
+        return dense_state_dict(self.model) if self.packed else dict(self.model.state_dict())
+
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return self.controller.state_dict()
@@ -136,6 +185,16 @@ class SparseTraining:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores masks and schedule; load the model and optimizer state dicts first."""
         self.controller.load_state_dict(state)
+        if self.grown.active:
+            self.grown.forget()  # restored entries carry their saved Adam state: none counts as grown
+        if self.packed:
+            stale = [s.layer.name for s in self.shards if not torch.equal(s.mask, s.mask_from_positions())]
+            if stale:
+                raise ValueError(
+                    f"packed storage: the loaded masks of {stale[:5]} are not where the model's packed values "
+                    "sit; load the model's state dict (which holds them) before the rigl_ds state"
+                )
+            self._arm_dense_gradients()
 
 
 def sparsify(

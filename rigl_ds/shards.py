@@ -9,7 +9,7 @@ partitions and collective-based selection, and the same method code runs unchang
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -99,6 +99,37 @@ class Shard:
     def extra_copies(self) -> List[torch.Tensor]:
         """Other live copies of the weight (low precision) that must hold the same zeros."""
         return []
+
+    #: False where the weight is not stored entry for entry (``rigl_ds.packed``): there is then
+    #: nothing at masked entries to keep at zero, and a new mask is installed by ``install_mask``.
+    dense_storage = True
+
+    def install_mask(
+        self,
+        new: torch.Tensor,
+        grown: torch.Tensor,
+        dropped: torch.Tensor,
+        grow_values: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> None:
+        """Makes ``new`` (flat bool) this range's mask: grown entries (inactive before) start at
+        ``grow_values(their global indices)`` (zero when None) with zero optimizer state, dropped
+        ones become zero in weight and state, every copy follows; the rest keeps weight and state."""
+        weight = self.weight
+        if grow_values is not None and bool(grown.any()):
+            born = grown.nonzero().flatten()
+            weight.index_copy_(0, born, grow_values(born + self.offset).to(weight.dtype))
+        else:
+            weight.masked_fill_(grown, 0)
+        weight.masked_fill_(dropped, 0)
+        reset = grown | dropped
+        reset_on = {reset.device: reset}
+        for state in self.optimizer_states():
+            state.masked_fill_(reset_on.setdefault(state.device, reset.to(state.device)), 0)
+        del reset, reset_on
+        self.mask = new
+        for copy in self.extra_copies():
+            copy.copy_(weight)  # onto the copy's device, in its dtype
+            copy.masked_fill_(~self.mask_on(copy.device), 0)
 
     def global_indices(self) -> torch.Tensor:
         return torch.arange(self.offset, self.offset + self.numel, device=self.device)
@@ -213,11 +244,15 @@ class Collectives:
         k: torch.Tensor,
         eligible: Optional[Sequence[torch.Tensor]] = None,
         shards: Optional[Sequence[Shard]] = None,
+        packed: bool = False,
     ) -> List[torch.Tensor]:
         """``topk.select_topk`` over every process's entries together: the same result as one process
         holding whole tensors. ``shards`` gives each layer's global offset, which a sharded
         implementation needs to break ties by global position; each layer's result is then on its
-        shard's device (beside the weight it will mask), whatever device its scores came on."""
+        shard's device (beside the weight it will mask), whatever device its scores came on.
+        Scores, eligibility and per-entry pools may be zero-argument callables that build a layer's
+        tensor anew (``select.radix.Lazy``), so that a sharded selection holds one layer's at a
+        time; ``packed``: each result as ``bits.pack`` of the flat mask."""
         raise NotImplementedError
 
 
@@ -237,5 +272,12 @@ class LocalCollectives(Collectives):
     def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
         return row.unsqueeze(0)
 
-    def select_topk(self, scores, pools, k, eligible=None, shards=None):
-        return beside_shards(select_topk(scores, pools, k, eligible), shards)
+    def select_topk(self, scores, pools, k, eligible=None, shards=None, packed=False):
+        # The sort reference wants whole tensors: lazy layers are built, all at once.
+        def built(xs):
+            return None if xs is None else [x() if callable(x) else x for x in xs]
+
+        chosen = select_topk(built(scores), built(pools), k, built(eligible))
+        if packed:
+            chosen = [bits.pack(c.reshape(-1)) for c in chosen]
+        return beside_shards(chosen, shards)

@@ -15,6 +15,7 @@ import torch
 from rigl_ds import keyed_random
 from rigl_ds.config import load_config
 from rigl_ds.controller import SparseController
+from rigl_ds.exploration import ExplorationTracker
 from rigl_ds.plan import build_plan
 from rigl_ds.shards import LocalCollectives, ParamRangeShard
 
@@ -55,6 +56,18 @@ RUNS: Dict[str, Tuple[dict, torch.dtype]] = {
     ),
     "static_er": ({"method": "static", "sparsity": 0.6, "distribution": "er"}, torch.float32),
     "rigl_erk_bf16": ({"method": "rigl", "sparsity": 0.8, "delta_t": 3, "end_step": 18}, torch.bfloat16),
+    # configs/rigl_plus.json's options: growth by |g| within a keyed random pool, no skipped step.
+    "rigl_plus_candidate_pool": (
+        {
+            "method": "rigl",
+            "sparsity": 0.8,
+            "delta_t": 3,
+            "end_step": 18,
+            "grow_candidate_fraction": 0.3,
+            "skip_optimizer_step_on_update": False,
+        },
+        torch.float32,
+    ),
 }
 STEPS = 20
 
@@ -107,6 +120,7 @@ def simulate(run: str, comm, ranges: Dict[str, Tuple[int, int]]) -> Dict[str, An
     shards = [ParamRangeShard(layer, params[layer.name], optimizer, *ranges[layer.name]) for layer in plan.layers]
     controller = SparseController(config, plan, shards, comm, total_steps=STEPS)
     controller.initialize_masks()
+    exploration = ExplorationTracker(controller)
     for step in range(STEPS):
         for name, p in params.items():
             p.grad = synthetic_grad(step, name, p)
@@ -122,6 +136,7 @@ def simulate(run: str, comm, ranges: Dict[str, Tuple[int, int]]) -> Dict[str, An
         "collectives": [h.collectives for h in controller.history],
         "bytes_sent": [h.bytes_sent for h in controller.history],
         "report": controller.layer_report(),
+        "exploration": exploration.summary(),  # ITOP and fan-in spread, summed over the ranks
     }
 
 

@@ -54,3 +54,20 @@ def test_unpacking_into_a_reused_buffer_gives_the_same_mask():
         packed = bits.pack(mask)
         assert torch.equal(bits.unpack(packed, numel, scratch), mask)
         assert torch.equal(bits.unpack(packed, numel, scratch), bits.unpack(packed, numel))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_per_step_gradient_masking_is_bit_for_bit_torch_where_even_at_nan_inf_and_negative_zero(dtype):
+    from rigl_ds import masks
+
+    numel = 1003
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(numel, generator=gen).to(dtype)
+    grad[::7], grad[::11], grad[::13] = float("nan"), float("-inf"), -0.0  # masked or not, by chance
+    mask = torch.rand(numel, generator=gen) < 0.3
+    expected = torch.where(mask, grad, torch.zeros((), dtype=dtype))
+    scratch = torch.full((bits.packed_numel(numel) * 8,), 5, dtype=torch.uint8)
+    masks._zero_masked_consuming(grad, bits.unpack(bits.pack(mask), numel, scratch))
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
+    assert torch.equal(grad.view(as_int), expected.view(as_int))  # +0.0 at masked entries, active bits kept
+    assert not torch.isnan(grad[~mask]).any()

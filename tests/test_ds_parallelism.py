@@ -184,7 +184,18 @@ def test_unsupported_parallelism_is_refused_when_attaching_to_a_built_engine(nam
     # What the HF / accelerate adapters attach to: an engine DeepSpeed already built.
     engine = types.SimpleNamespace(config=config, module=model, mpu=kwargs.get("mpu"), optimizer=object())
     with pytest.raises(RigLConfigError, match=message):
-        SparseEngine(engine, load_config(ds_sim.RIGL), total_steps=10)
+        SparseEngine(engine, load_config(config["rigl"]), total_steps=10)
+
+
+def test_packed_storage_on_an_engine_built_elsewhere_is_refused_by_name():
+    """The HF Trainer and accelerate build DeepSpeed's engine from the dense model themselves."""
+    from rigl_ds.integrations.deepspeed import SparseEngine
+
+    model = ds_sim.tiny_model("gpt2")
+    config = ds_sim.ds_config(2, "fp32", {**ds_sim.RIGL, "storage": "packed"})
+    engine = types.SimpleNamespace(config=config, module=model, mpu=None, optimizer=object())
+    with pytest.raises(RigLConfigError, match=r"rigl\.storage.*before DeepSpeed builds its engine"):
+        SparseEngine(engine, load_config(config["rigl"]), total_steps=10)
 
 
 def test_a_pipeline_grid_with_no_tensor_slicing_is_not_taken_for_tensor_parallelism():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import make, task, train_step
 
+from rigl_ds.checkpoint import saved_mask
 from rigl_ds.config import MASK_DEFINING_KEYS, RigLConfigError
 
 BLOCK = {"method": "rigl", "sparsity": 0.8, "delta_t": 3, "end_step": 30}
@@ -41,8 +42,7 @@ def test_resuming_with_a_new_schedule_is_allowed_and_logged(caplog):
     assert fresh.controller.step == 5 and fresh.controller.end_step == 35
     logged = caplog.text
     assert "rigl.delta_t changed from 3 to 5" in logged and "rigl.end_step changed from 30 to 35" in logged
-    saved_masks = state["masks"]
-    assert all(torch.equal(saved_masks[n], fresh.masks[n].reshape(-1)) for n in saved_masks)
+    assert all(torch.equal(saved_mask(state, n), fresh.masks[n].reshape(-1)) for n in state["masks"])
 
 
 @pytest.mark.slow

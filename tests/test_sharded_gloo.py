@@ -45,6 +45,7 @@ def test_training_on_shards_matches_one_process_bit_for_bit(world, scheme, refer
             got = got[run]
             assert got["history"] == want["history"], run  # dropped/grown/regrown/active per update
             assert got["report"] == want["report"], run
+            assert got["exploration"] == want["exploration"], run
             for name, (a, b) in ((n, parts[n][r]) for n in sharded_sim.SHAPES):
                 assert torch.equal(got["masks"][name], want["masks"][name][a:b]), (run, name, r)
                 assert torch.equal(got["weights"][name], want["weights"][name][a:b]), (run, name, r)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from thread_world import run_threads
 
+from rigl_ds import bits
 from rigl_ds.select import order_keys, radix_select_topk
 from rigl_ds.topk import select_topk
 
@@ -18,22 +19,35 @@ def cut(n: int, world: int, draw_points) -> list:
     return [(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
-def sharded(world, scores, pools, k, eligible, layer_pools, parts, digits=(12, 10, 10)):
-    """Runs the radix selection on `world` thread ranks; returns whole-layer results."""
+def sharded(world, scores, pools, k, eligible, layer_pools, parts, digits=(12, 10, 10), lazy=False):
+    """Runs the radix selection on `world` thread ranks; returns whole-layer results. ``lazy``:
+    scores, eligibility and per-entry pools handed over as callables that build a new copy at each
+    call (which the selection may overwrite), and the results asked for packed."""
 
     def rank_fn(comm):
         r = comm.rank
         mine = [parts[i][r] for i in range(len(scores))]
-        return radix_select_topk(
+        my_scores = [s[a:b] for s, (a, b) in zip(scores, mine)]
+        my_pools = [p if isinstance(p, int) else p[a:b] for p, (a, b) in zip(pools, mine)]
+        my_eligible = None if eligible is None else [e[a:b] for e, (a, b) in zip(eligible, mine)]
+        if lazy:
+            my_scores = [lambda t=t: t.clone() for t in my_scores]
+            my_pools = [p if isinstance(p, int) else (lambda t=p: t.clone()) for p in my_pools]
+            my_eligible = None if my_eligible is None else [lambda t=t: t.clone() for t in my_eligible]
+        got = radix_select_topk(
             comm,
-            [s[a:b] for s, (a, b) in zip(scores, mine)],
-            [p if isinstance(p, int) else p[a:b] for p, (a, b) in zip(pools, mine)],
+            my_scores,
+            my_pools,
             k,
-            None if eligible is None else [e[a:b] for e, (a, b) in zip(eligible, mine)],
+            my_eligible,
             [a for a, _ in mine],
             layer_pools=layer_pools,
             digits=digits,
+            packed=lazy,
         )
+        if lazy:
+            got = [bits.unpack(g, b - a) for g, (a, b) in zip(got, mine)]
+        return got
 
     per_rank = run_threads(world, rank_fn)
     return [torch.cat([per_rank[r][i] for r in range(world)]) for i in range(len(scores))]
@@ -79,13 +93,20 @@ def selection_cases(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(case=selection_cases(), digits=st.sampled_from([(12, 10, 10), (8, 8, 8, 8), (16, 16), (3,) * 10 + (2,)]))
-def test_every_partition_selects_what_one_process_selects(case, digits):
+@given(
+    case=selection_cases(),
+    digits=st.sampled_from([(12, 10, 10), (8, 8, 8, 8), (16, 16), (3,) * 10 + (2,)]),
+    lazy=st.booleans(),
+)
+def test_every_partition_selects_what_one_process_selects(case, digits, lazy):
     world, scores, pools, k, eligible, layer_pools, parts = case
+    inputs = [t.clone() for t in scores + eligible + [p for p in pools if not isinstance(p, int)]]
     want = select_topk(scores, pools, k, eligible)
-    got = sharded(world, scores, pools, k, eligible, layer_pools, parts, digits)
+    got = sharded(world, scores, pools, k, eligible, layer_pools, parts, digits, lazy)
     for g, w in zip(got, want):
-        assert torch.equal(g, w)
+        assert torch.equal(g.view(-1), w.view(-1))
+    after = scores + eligible + [p for p in pools if not isinstance(p, int)]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after))  # nothing handed over was written to
 
 
 def test_ties_at_the_threshold_go_by_layer_then_global_index_across_ranks():
@@ -154,3 +175,55 @@ def test_payload_does_not_grow_with_the_number_of_entries():
     bound = (2 * 4096 + 2 + 2 * 1024 * 2) * 8  # three passes of int64 counts for 2 pools, whatever the size
     for stats in account(1_000), account(1_000_000):
         assert 1 <= stats.collectives <= 3 and stats.bytes_sent <= bound
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_lazy_layers_are_built_one_at_a_time_so_the_transient_is_one_layers(world):
+    """Scores and eligibility given as callables: when any layer's tensor is built, no tensor built
+    for another layer is still alive (the update's transient is one layer's, whatever the depth)."""
+    from torch.multiprocessing.reductions import StorageWeakRef  # the memory itself, not the Python object
+
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.randn(n, generator=g) for n in (300, 50, 700, 10)]
+    eligible = [torch.rand(s.numel(), generator=g) < 0.6 for s in scores]
+    k = torch.tensor([60, 200])
+    pools = [0, 1, 1, 0]
+    parts = [
+        [(0, s.numel() // 2), (s.numel() // 2, s.numel())][:world] if world == 2 else [(0, s.numel())] for s in scores
+    ]
+    want = select_topk(scores, pools, k, eligible)
+
+    def rank_fn(comm):
+        alive = []  # (layer, weakref) of everything built so far on this rank
+
+        def built(i, t):
+            others = [j for j, ref in alive if j != i and not ref.expired()]
+            assert not others, f"layer {i} built while layers {others} are still alive"
+            alive.append((i, StorageWeakRef(t.untyped_storage())))
+            return t
+
+        mine = [p[comm.rank] for p in parts]
+        got = radix_select_topk(
+            comm,
+            [lambda i=i, a=a, b=b: built(i, scores[i][a:b].clone()) for i, (a, b) in enumerate(mine)],
+            pools,
+            k,
+            [lambda i=i, a=a, b=b: built(i, eligible[i][a:b].clone()) for i, (a, b) in enumerate(mine)],
+            [a for a, _ in mine],
+            layer_pools=[[p] for p in pools],
+            packed=True,
+        )
+        return [bits.unpack(x, b - a) for x, (a, b) in zip(got, mine)]
+
+    per_rank = run_threads(world, rank_fn)
+    for i, w in enumerate(want):
+        assert torch.equal(torch.cat([per_rank[r][i] for r in range(world)]), w)
+
+
+def test_first_true_keeps_the_first_n_across_blocks():
+    from rigl_ds.select.radix import _first_true
+
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(2)) < 0.5
+    for n in (0, 1, 7, 64, int(mask.sum())):
+        want = mask & (torch.cumsum(mask, 0) <= n)
+        assert torch.equal(_first_true(mask.clone(), n, block=16), want)

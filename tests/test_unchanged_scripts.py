@@ -126,6 +126,24 @@ def test_plain_deepspeed_script_under_rigl_ds_run_trains_sparse(tmp_path, text_f
 
 
 @pytest.mark.slow
+def test_plain_deepspeed_script_with_packed_storage_under_rigl_ds_run_trains_sparse(tmp_path, text_file):
+    """"storage": "packed" in the config alone: the script's model holds active values only, and the
+    dense weights they stand for keep the exact counts and move as with masked storage."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rigl_ds.export import _unpacked
+
+    prefix = ["deepspeed", "--num_gpus", "2", "--module", "rigl_ds.run", str(CLIENTS / "plain_ds.py")]
+    run_plain(tmp_path, text_file, prefix, scheduler=SCHEDULER, rigl={**RIGL, "storage": "packed"})
+    out = tmp_path / "out"
+    final, early = _load(out / "weights_final.pt"), _load(out / "weights_step2.pt")
+    assert not any(n in final for n in expected_active())  # no dense masked weight in the model
+    shapes = {n: p for n, p in GPT2LMHeadModel(GPT2Config(**GPT2)).state_dict().items() if n in expected_active()}
+    assert_sparse(_unpacked(final, shapes), _unpacked(early, shapes))
+    assert_monitor_shows_updates(tmp_path)
+
+
+@pytest.mark.slow
 def test_plain_deepspeed_script_launched_without_the_wrapper_trains_sparse(tmp_path, text_file):
     run_plain(tmp_path, text_file, ["deepspeed", "--num_gpus", "2", str(CLIENTS / "plain_ds.py")], scheduler=SCHEDULER)
     out = tmp_path / "out"

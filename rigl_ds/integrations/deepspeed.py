@@ -64,6 +64,10 @@ def initialize(*args: Any, total_steps: Optional[int] = None, defer_total_steps:
         if model is None:
             raise ValueError("rigl_ds.initialize needs the model (model=...)")
         _refuse_unsupported(config, model, kwargs.get("mpu", args[7] if len(args) > 7 else None))
+        if rigl_config.storage == "packed":
+            from ..zero.packed import refuse_packed
+
+            refuse_packed(config, model)
         plan_for_model(model, rigl_config)
         if total_steps is None:
             total_steps = total_steps_from(config, kwargs.get("lr_scheduler", args[5] if len(args) > 5 else None))
@@ -71,6 +75,8 @@ def initialize(*args: Any, total_steps: Optional[int] = None, defer_total_steps:
             rigl_config.resolve_end_step(total_steps)  # fail before DeepSpeed builds anything
         if rigl_config.compact_optimizer_state:
             args, kwargs = _with_compact_optimizer(args, kwargs, config, rigl_config.compact_master_weights)
+        if rigl_config.storage == "packed":
+            args, kwargs = _packed_before_engine(args, kwargs, model, rigl_config, total_steps, config)
     out = original_initialize()(*args, **kwargs)
     if block is None:
         return out
@@ -92,12 +98,19 @@ class SparseEngine:
         from ..zero import zero_layout
 
         # Engines built elsewhere (HF Trainer, accelerate) reach here without rigl_ds.initialize's check.
+        _refuse_storage(config, engine.module)
         _refuse_unsupported(_engine_config(engine), engine.module, getattr(engine, "mpu", None))
         self.engine = engine
         self.config = config
-        weights, self.plan = plan_for_model(engine.module, config)
-        # Everything that knows where ZeRO keeps this rank's slices, and how to write them back.
-        self.zero = zero_layout(engine, self.plan, weights, compact_master_weights=config.compact_master_weights)
+        if config.storage == "packed":
+            from ..zero.packed import PackedLayout
+
+            self.plan = engine.module._rigl_packed_plan
+            self.zero = PackedLayout(engine, self.plan)
+        else:
+            weights, self.plan = plan_for_model(engine.module, config)
+            # Everything that knows where ZeRO keeps this rank's slices, and how to write them back.
+            self.zero = zero_layout(engine, self.plan, weights, compact_master_weights=config.compact_master_weights)
         self.shards, self.comm = self.zero.shards, self.zero.comm
         repack = None
         if config.compact_optimizer_state:
@@ -122,6 +135,7 @@ class SparseEngine:
         self.controller.overflow_check = self.zero.gradients_overflow
         self.controller.gradient_scale = self.zero.gradient_scale
         self.zero.refresh_low_precision()
+        self.zero.arm(self.controller)
         self._skip_optimizer = False
         # Not engine.step: PipelineEngine.train_batch calls _take_model_step itself, and without
         # managed gradient accumulation step() is a boundary only while it runs. _take_model_step
@@ -160,12 +174,17 @@ class SparseEngine:
         finally:
             self._skip_optimizer = False
         self.zero.link_optimizer_state()
-        updated_after_step = UpdateWatch(self.controller)
         # DeepSpeed's applied-step signal: False when its loss scaler skipped the step (overflow).
         applied = bool(getattr(self.engine, "_step_applied", True))
-        self.controller.after_step(run, applied=applied, mask_weights=False)  # _wrapped_basic_step masked them
-        if updated_after_step.changed():
-            self.zero.refresh_low_precision()  # masks changed after DeepSpeed copied fp32 to low precision
+        self.controller.after_step(
+            run,
+            applied=applied,
+            mask_weights=False,  # _wrapped_basic_step masked them
+            # An update here changes masks after DeepSpeed copied fp32 to low precision: part of the
+            # update (inside the controller's update_listeners' "start"/"end"), only when one ran.
+            after_update=self.zero.refresh_low_precision,
+        )
+        self.zero.arm(self.controller)
         if updated.changed():
             self._write_monitor()
         return out
@@ -255,6 +274,8 @@ class SparseEngine:
         state.pop("_tag_dir", None)
         self.controller.load_state_dict(state)
         self.zero.refresh_low_precision()
+        self.zero.after_load()
+        self.zero.arm(self.controller)
         return load_path, client_state
 
     def _read_rank_state(self, load_dir, tag) -> Optional[Dict[str, Any]]:
@@ -403,6 +424,41 @@ def _with_compact_optimizer(args: tuple, kwargs: Dict[str, Any], config: Dict[st
 
 
 # DeepSpeed's expert-parallel layers, by class path (no import needed to recognise them).
+def _refuse_storage(config: RigLConfig, module: torch.nn.Module) -> None:
+    """Packed storage replaces each masked weight by its active values before DeepSpeed builds its
+    engine (``rigl_ds.initialize`` does); an engine built elsewhere (HF Trainer, accelerate) holds
+    the dense weights already."""
+    if config.storage == "packed" and getattr(module, "_rigl_packed_plan", None) is None:
+        raise RigLConfigError(
+            'rigl.storage: "packed" needs the model packed before DeepSpeed builds its engine, which '
+            "rigl_ds.initialize (and a script run under `python -m rigl_ds.run`) does; the Hugging Face Trainer "
+            'and accelerate paths build the engine themselves: use storage: "masked" there'
+        )
+
+
+def _packed_before_engine(args: tuple, kwargs: Dict[str, Any], model, config: RigLConfig, total_steps, ds_config):
+    """Packs ``model`` (initial masks on its dense weights) and points the client optimizer and any
+    parameter list DeepSpeed is handed at the packed values."""
+    from ..zero.packed import pack_before_engine, replace_params
+
+    args, kwargs = list(args), dict(kwargs)
+    optimizer = kwargs.get("optimizer", args[2] if len(args) > 2 else None)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise RigLConfigError(
+            'rigl.storage: "packed" needs a torch optimizer object (optimizer=...) or a DeepSpeed "optimizer" '
+            f"block; got {type(optimizer).__name__}"
+        )
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
+    replaced, plan = pack_before_engine(model, optimizer, config, total_steps, stage)
+    model._rigl_packed_plan = plan  # what SparseEngine finds on engine.module
+    if "model_parameters" in kwargs:
+        kwargs["model_parameters"] = replace_params(kwargs["model_parameters"], replaced)
+    elif len(args) > 3:
+        args[3] = replace_params(args[3], replaced)
+    return tuple(args), kwargs
+
+
+
 _MOE_CLASSES = ("deepspeed.moe.layer.MoE", "deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer")
 
 

@@ -8,13 +8,13 @@ fused weights into mask groups for the ``"mask_groups"`` config key.
 
 from __future__ import annotations
 
-import ctypes
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..host_memory import freed_buffers_return_to_the_os
 
 FAMILIES = ("gpt2", "llama", "char_gru", "word_lstm")
 
@@ -86,7 +86,7 @@ def build_model(
     if stage != 3:
         raise ValueError(f"build_model: zero3_config must have zero_optimization.stage 3, got {stage!r}")
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
-    with _freed_buffers_return_to_the_os(on_cpu):
+    with freed_buffers_return_to_the_os(on_cpu):
         if _is_hf(family):
             hf_ds = HfDeepSpeedConfig(config)  # while it lives, transformers builds under deepspeed.zero.Init
             try:
@@ -102,34 +102,6 @@ def build_model(
     return model
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-@contextmanager
-def _freed_buffers_return_to_the_os(enabled: bool) -> Iterator[None]:
-    """On CPU ranks, has glibc serve allocations of 1 MiB and more by mmap while the model is built.
-    ZeRO-3 gathers each module's weights whole and frees them again (transformers' initialisation);
-    with glibc's adaptive threshold those freed buffers stayed in the heap, and a rank's resident
-    memory grew past the whole model's (measured on 2 ranks, a GPT-2 of 210M parameters, 801 MiB
-    fp32: peak growth 1287 MiB on rank 1; with this, 492 MiB on each; the whole build, 838 MiB).
-    Afterwards the threshold is glibc's adaptive ceiling, 32 MiB.
-    A no-op off glibc, and on accelerators (their weights are not on the host heap)."""
-    libc = None
-    if enabled:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            pass
-    if libc is not None and not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
-        libc = None  # not glibc
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            libc.malloc_trim(0)
 
 
 def _is_hf(family: str) -> bool:

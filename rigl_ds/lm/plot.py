@@ -2,9 +2,10 @@
 
     python -m rigl_ds.lm.plot runs/cpu_char_gru_rigl [more run folders, drawn on the same axes]
 
-Writes ``loss.png`` (training loss and validation loss against optimizer steps, and training FLOPs
-spent against dense) and ``sparsity.png`` (each masked layer's density, active / entries) into the
-first folder, or into ``--out``.
+Writes ``loss.png`` (training loss and validation loss against optimizer steps, training FLOPs
+spent against dense, and the exploration metrics: ITOP rate and mean fan-in CV) and
+``sparsity.png`` (each masked layer's density, active / entries) into the first folder, or into
+``--out``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def plot_runs(runs: Sequence[Path], out: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    fig, (ax_loss, ax_flops) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_flops, ax_explore) = plt.subplots(1, 3, figsize=(16, 4))
     for run in runs:
         rows = read_metrics(run)
         label = Path(run).name
@@ -41,11 +42,22 @@ def plot_runs(runs: Sequence[Path], out: Path) -> List[Path]:
         if val:
             ax_loss.plot(*zip(*val), "o--", color=line.get_color(), label=f"{label} validation")
         ax_flops.plot(steps, [r["training_flops_vs_dense"] for r in rows], color=line.get_color(), label=label)
+        explored = [(r["step"], r["itop_rate"], r.get("fan_in_cv_mean")) for r in rows if "itop_rate" in r]
+        if explored:
+            at = [e[0] for e in explored]
+            ax_explore.plot(at, [e[1] for e in explored], color=line.get_color(), label=f"{label} ITOP")
+            if all(e[2] is not None for e in explored):
+                ax_explore.plot(at, [e[2] for e in explored], ":", color=line.get_color(), label=f"{label} fan-in CV")
     ax_loss.set(xlabel="optimizer step", ylabel="loss (nats / token)", title="Loss")
     ax_flops.set(
         xlabel="optimizer step", ylabel="training FLOPs so far / dense", title="Training FLOPs", ylim=(0, 1.05)
     )
-    for ax in (ax_loss, ax_flops):
+    ax_explore.set(
+        xlabel="optimizer step",
+        ylabel="fraction / coefficient",
+        title="Exploration: ITOP rate (solid), fan-in CV (dotted)",
+    )
+    for ax in (ax_loss, ax_flops, ax_explore):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

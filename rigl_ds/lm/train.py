@@ -52,6 +52,8 @@ METRICS = (
     "perplexity",
     "lr",
     "drop_fraction",
+    "itop_rate",  # rigl_ds.exploration: fraction of masked entries ever active
+    "fan_in_cv_mean",  # std / mean of active inputs per output unit, averaged over masked layers
     "active_params",
     "total_params",
     "training_flops",
@@ -163,6 +165,7 @@ class _Run:
     accumulation: int
     layers: Optional[List[Dict[str, Any]]] = None
     masked_numel: int = 0
+    exploration: Any = None  # rigl_ds.exploration.ExplorationTracker of a sparse run
 
     @property
     def ckpt_dir(self) -> Path:
@@ -234,6 +237,13 @@ def _build(config: Dict[str, Any], job: JobConfig, rigl, rank: int, world: int) 
     engine, _, _, scheduler = rigl_ds.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, total_steps=job.steps
     )
+    sparse = getattr(engine, "rigl", None)
+    exploration = None
+    if sparse is not None:
+        from rigl_ds.exploration import ExplorationTracker
+        from rigl_ds.fan_in import output_axes
+
+        exploration = ExplorationTracker(sparse.controller, output_axes(model))
     # DeepSpeed resolves the batch keys (any two of train_batch_size, micro-batch, accumulation).
     return _Run(
         job=job,
@@ -243,7 +253,8 @@ def _build(config: Dict[str, Any], job: JobConfig, rigl, rank: int, world: int) 
         train_blocks=train_blocks,
         val_blocks=val_blocks,
         engine=engine,
-        sparse=getattr(engine, "rigl", None),
+        sparse=sparse,
+        exploration=exploration,
         method=method,
         flops=flops,
         total_params=total_params,
@@ -344,6 +355,7 @@ def _log(run: _Run, window, done, tokens, started, evaluate_now, writer, handle,
     window.zero_()
     val = evaluate_distributed(engine, run.val_blocks, run.job.eval_blocks, run.micro) if evaluate_now else None
     active = run.total_params - run.masked_numel + (sum(r["active"] for r in layers) if layers else 0)
+    explored = run.exploration.summary() if run.exploration is not None else {}  # a collective: every rank
     row = {
         "step": done,
         "tokens": tokens,
@@ -351,6 +363,8 @@ def _log(run: _Run, window, done, tokens, started, evaluate_now, writer, handle,
         "perplexity": math.exp(min(loss_avg, 50.0)),
         "lr": engine.get_lr()[0],
         "drop_fraction": sparse.controller.method.drop_fraction(sparse.controller.step) if sparse else 0.0,
+        "itop_rate": explored.get("itop_rate", ""),
+        "fan_in_cv_mean": explored.get("fan_in_cv_mean", ""),
         "active_params": active,
         "total_params": run.total_params,
         "training_flops": run.flops.spent.total,
@@ -397,6 +411,7 @@ def _finish(run: _Run, row: Dict[str, Any], val: Optional[Dict[str, float]], tok
         ),
         "total_params": run.total_params,
         "mask_updates": sparse.controller.updates if sparse else 0,
+        "exploration": run.exploration.summary() if run.exploration is not None else None,
         "layers": run.layers or [],
     }
     if run.rank == 0:

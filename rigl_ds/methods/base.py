@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,6 +32,9 @@ class SparseMethod:
     tracks_gradients: ClassVar[bool] = False
     #: What ``skip_optimizer_step_on_update: null`` (the default) means for this method.
     skip_optimizer_step_on_update: ClassVar[bool] = False
+    #: Every layer keeps its active count through updates (``"storage": "packed"`` holds that many
+    #: slots per layer); False for a method whose counts shrink (GMP).
+    keeps_counts: ClassVar[bool] = True
     #: Keys of the ``"rigl"`` block only this method reads; setting one with another method is an error.
     own_keys: ClassVar[Tuple[str, ...]] = ()
 
@@ -102,7 +105,9 @@ class DropGrowMethod(SparseMethod):
         c = self.config
         return schedules.drop_fraction(step, c.alpha, c.begin_step, self.end_step, c.drop_fraction_schedule)
 
-    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[Union[torch.Tensor, Callable[[], torch.Tensor]]]:
+        """Each shard's grow score: a tensor, or a zero-argument callable that builds a new one when
+        the selection reads it (once per pass), so that only one layer's scores exist at a time."""
         raise NotImplementedError
 
     def update(self, shards: Sequence[Shard], comm: Collectives, step: int) -> UpdateStats:

@@ -14,6 +14,7 @@ from .registry import register
 @register("gmp")
 class GMPMethod(SparseMethod):
     own_keys = ("initial_sparsity",)
+    keeps_counts = False  # pruning shrinks every count
 
     @classmethod
     def check_config(cls, config: RigLConfig) -> None:

@@ -1,7 +1,7 @@
 """SET (Mocanu et al. 2018): grow uniformly at random, keyed by (seed, layer, step, global index)
 so every rank and every world size draws the same scores."""
 
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -13,10 +13,11 @@ from .registry import register
 
 @register("set")
 class SETMethod(DropGrowMethod):
-
-    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[Callable[[], torch.Tensor]]:
         seed = self.config.seed
         return [
-            keyed_random.uniform(keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices())
+            lambda s=s: keyed_random.uniform(
+                keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices()
+            )
             for s in shards
         ]

@@ -1,7 +1,7 @@
 """SNFS (Dettmers & Zettlemoyer 2019), as in the RigL paper's comparison: grow where the
 exponential moving average of the dense gradient (decay ``grad_ema_decay``) is largest."""
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -29,11 +29,12 @@ class SNFSMethod(DropGrowMethod):
                 ema = self._ema[s.layer.name] = torch.zeros(s.numel, dtype=torch.float32, device=g.device)
             ema.mul_(decay).add_(g.float(), alpha=weight)
 
-    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[torch.Tensor]:
-        return [
-            self._ema[s.layer.name].abs() if s.layer.name in self._ema else torch.zeros(s.numel, device=s.device)
-            for s in shards
-        ]
+    def grow_scores(self, shards: Sequence[Shard], step: int) -> List[Callable[[], torch.Tensor]]:
+        def score(s: Shard) -> torch.Tensor:
+            ema = self._ema.get(s.layer.name)
+            return ema.abs() if ema is not None else torch.zeros(s.numel, device=s.device)
+
+        return [lambda s=s: score(s) for s in shards]
 
     def state_dict(self, shards: Sequence[Shard]) -> Dict[str, torch.Tensor]:
         return {f"grad_ema.{name}": t.clone() for name, t in self._ema.items()}

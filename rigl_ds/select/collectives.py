@@ -104,6 +104,7 @@ class ShardedCollectives(Collectives):
         k: torch.Tensor,
         eligible: Optional[Sequence[torch.Tensor]] = None,
         shards: Optional[Sequence[Shard]] = None,
+        packed: bool = False,
     ) -> List[torch.Tensor]:
         if shards is None or len(shards) != len(scores):
             raise ValueError("sharded selection needs each layer's shard (its global offset)")
@@ -120,5 +121,6 @@ class ShardedCollectives(Collectives):
             layer_pools=[s.layer.pools for s in shards],
             digits=self.digits,
             max_pool_size=sum(s.layer.numel for s in shards),
+            packed=packed,
         )
         return beside_shards(chosen, shards)

@@ -9,6 +9,13 @@ order (layer order, then flat index), found with one all_gather of per-shard tie
 result is bit-identical to ``topk.select_topk`` on the whole tensors, for any world size, and no
 payload grows with the number of entries.
 
+Memory: nothing entry-sized outlives one layer. Each pass computes a layer's keys, reads them and
+lets them go, so scores, eligibility and per-entry pools may be handed over as zero-argument
+callables (``Lazy``) that build one layer's tensor when asked, once per pass: the transient is then
+about 6 bytes times the largest local layer (its int32 keys and a bool or two), not every layer's
+scores at once. The price is computing each layer's scores again in each pass (at most five: three
+digits, the ties, the marking), once every delta_t steps; the memory peak limits every run.
+
 Entry-sized work stays on each layer's scores' device; the per-pool search state stays on the host;
 histograms are summed on the first non-empty layer's device and handed to ``comm`` there (it moves
 them to its backend's device and back).
@@ -17,13 +24,17 @@ them to its backend's device and back).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import bits
 from ..shards import Collectives
 
 PoolIds = Union[int, torch.Tensor]
+#: A layer's tensor, or a zero-argument callable that builds it anew at each call; the selection
+#: may overwrite what a callable returns, never a tensor handed over as such.
+Lazy = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 _INT32_MAX = 2**31 - 1
 _INELIGIBLE = -(2**31)  # below every float's key (it is the key of a NaN, and NaN is refused)
@@ -33,18 +44,23 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_DIGITS = (12, 10, 10)
 
 
-def order_keys(scores: torch.Tensor) -> torch.Tensor:
+def order_keys(scores: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """int32 keys ordered as the float scores: key(a) < key(b) iff a < b (-0.0 and +0.0 equal).
 
     Positive floats order as their bit patterns; negative ones reversed, which flipping the low 31
-    bits does. bf16 and fp16 widen to fp32 exactly."""
+    bits does. bf16 and fp16 widen to fp32 exactly. ``overwrite``: contiguous fp32 ``scores`` that
+    the caller is done with become the keys in place, instead of a second 4-byte tensor."""
     if scores.dtype not in _SUPPORTED:
         raise TypeError(f"selection scores must be float32, bfloat16 or float16, got {scores.dtype}")
-    bits = (scores.reshape(-1).float() + 0.0).view(torch.int32)  # a new tensor; -0.0 + 0.0 is +0.0
-    flip = bits >> 31  # arithmetic: -1 for negative floats, 0 otherwise
+    flat = scores.reshape(-1)
+    if overwrite and flat.dtype == torch.float32 and flat.is_contiguous():
+        keys = flat.add_(0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0
+    else:
+        keys = (flat.float() + 0.0).view(torch.int32)  # a new tensor
+    flip = keys >> 31  # arithmetic: -1 for negative floats, 0 otherwise
     flip &= _INT32_MAX
-    bits ^= flip
-    return bits
+    keys ^= flip
+    return keys
 
 
 def digit_shifts(digits: Sequence[int]) -> List[int]:
@@ -60,66 +76,270 @@ def digit_shifts(digits: Sequence[int]) -> List[int]:
 
 def radix_select_topk(
     comm: Collectives,
-    scores: Sequence[torch.Tensor],
-    pools: Sequence[PoolIds],
+    scores: Sequence[Lazy],
+    pools: Sequence[Union[PoolIds, Callable[[], torch.Tensor]]],
     k: torch.Tensor,
-    eligible: Optional[Sequence[torch.Tensor]],
+    eligible: Optional[Sequence[Lazy]],
     offsets: Sequence[int],
     layer_pools: Optional[Sequence[Sequence[int]]] = None,
     digits: Sequence[int] = DEFAULT_DIGITS,
     max_pool_size: Optional[int] = None,
+    packed: bool = False,
 ) -> List[torch.Tensor]:
     """For each pool p, marks the k[p] eligible entries with the largest score, over all processes.
 
     ``scores[i]`` is this process's contiguous range of layer i, starting at global flat index
     ``offsets[i]``; every process passes the same layers in the same order (empty ranges for the
-    layers it holds none of). ``pools`` and ``k`` mean what they mean in ``topk.select_topk``;
-    ``layer_pools[i]`` lists the pools of the whole layer i (needed where ``pools[i]`` is a tensor:
-    a process cannot see the pools of entries it does not hold). ``max_pool_size``, when known and
-    below 2**31, halves the histogram payload (int32 counts). Raises on every process alike when a
-    score is NaN or a pool has fewer eligible entries than its k.
+    layers it holds none of). Scores, eligibility and per-entry pools may each be given as a
+    tensor or as a callable that builds it (``Lazy``). ``pools`` and ``k`` mean what they mean in
+    ``topk.select_topk``; ``layer_pools[i]`` lists the pools of the whole layer i (needed where
+    ``pools[i]`` is per entry: a process cannot see the pools of entries it does not hold).
+    ``max_pool_size``, when known and below 2**31, halves the histogram payload (int32 counts).
+    Returns one bool tensor per layer shaped as its scores, or with ``packed`` its ``bits.pack``
+    (what a caller keeps of every layer is then an eighth of a byte an entry). Raises on every
+    process alike when a score is NaN or a pool has fewer eligible entries than its k.
     """
     k = torch.as_tensor(k, dtype=torch.long).reshape(-1).cpu()
     _check_layer_args(scores, pools, k, eligible, offsets)
     shifts = digit_shifts(digits)
-    layers = _local_layers(scores, pools, k.numel(), eligible, layer_pools, max_pool_size)
+    layers = _Layers(scores, pools, eligible, k.numel(), layer_pools, max_pool_size)
     search = _Search.start(k)
 
     # Pass 1: every entry's leading digit, all pools in one all_reduce.
     hist = comm.all_reduce_sum(_leading_digit_histogram(layers, shifts[0])).cpu().long()
-    counts = _checked_pool_counts(hist, len(layers.keys), k, comm.world_size)
+    counts = _checked_pool_counts(hist, len(layers), k, comm.world_size)
     ids = search.open_ids()
     search.choose_digit(counts[ids], ids, shifts[0], first=True)
-    cands = _narrow_candidates(layers, _whole_layers(layers, search), search, shifts[0])
 
-    # Passes 2..: the next digit of the candidates, only for the pools still open.
+    # Passes 2..: the next digit of the entries that share an open pool's prefix.
     for prev_shift, shift in zip(shifts, shifts[1:]):
         ids = search.open_ids()
         if ids.numel() == 0:
             break
         width = 1 << (prev_shift - shift)
-        hist = comm.all_reduce_sum(_next_digit_histogram(layers, cands, ids, shift, width))
+        hist = comm.all_reduce_sum(_next_digit_histogram(layers, search, ids, prev_shift, shift, width))
         search.choose_digit(hist.cpu().long().view(ids.numel(), width), ids, shift, first=False)
-        cands = _narrow_candidates(layers, cands, search, shift)
 
     # Everything above each pool's threshold, then its ties in (layer, global flat index) order.
-    out = _mark_above_threshold(layers, search.lo)
-    _take_ties(comm, out, cands, layers, offsets, search.need)
-    return [o.view(s.shape) for o, s in zip(out, scores)]
+    take = _tie_quotas(comm, layers, search.lo, search.need, offsets)
+    return [_chosen(layers, i, search.lo, take, packed) for i in range(len(layers))]
 
 
-@dataclass
 class _Layers:
-    """This process's range of every layer, in the form every pass reads."""
+    """This process's range of every layer, built again by each pass that reads it."""
 
-    keys: List[torch.Tensor]  # order keys, ineligible entries set to _INELIGIBLE
-    pools: List[PoolIds]  # the local entries' pools: one int, or one long per entry (on the key's device)
-    distinct: List[List[int]]  # every pool of the whole layer: the same on every process
-    eligible: Optional[List[torch.Tensor]]  # flat, on the key's device
-    n_pools: int
-    has_nan: bool
-    device: torch.device  # where histograms are summed: the first non-empty layer's
-    count_dtype: torch.dtype
+    def __init__(
+        self,
+        scores: Sequence[Lazy],
+        pools: Sequence[Union[PoolIds, Callable[[], torch.Tensor]]],
+        eligible: Optional[Sequence[Lazy]],
+        n_pools: int,
+        layer_pools: Optional[Sequence[Sequence[int]]],
+        max_pool_size: Optional[int],
+    ):
+        self.scores, self.pools, self.eligible, self.n_pools = scores, pools, eligible, n_pools
+        self.distinct = [
+            _layer_pools(pools[i], None if layer_pools is None else layer_pools[i], i) for i in range(len(scores))
+        ]
+        self.count_dtype = torch.int32 if max_pool_size is not None and max_pool_size <= _INT32_MAX else torch.long
+        # What the first pass learns, reading every layer: each layer's local shape and device.
+        self.shapes: List[Optional[torch.Size]] = [None] * len(scores)
+        self.devices: List[Optional[torch.device]] = [None] * len(scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def keys(self, i: int, nan_seen: Optional[List[bool]] = None) -> torch.Tensor:
+        """Layer i's order keys, ineligible entries set to _INELIGIBLE (the key of a NaN, which is
+        refused, so never a real score's): a new tensor the caller may overwrite. ``nan_seen``:
+        a one-item list set to True when a score (eligible or not) is NaN."""
+        lazy = self.scores[i]
+        s = _get(lazy)
+        if self.shapes[i] is None:
+            self.shapes[i], self.devices[i] = s.shape, s.device
+        if nan_seen is not None and s.numel() and bool(torch.isnan(s).any()):
+            nan_seen[0] = True
+        key = order_keys(s, overwrite=callable(lazy))
+        del s
+        if self.eligible is not None and key.numel():
+            lazy_e = self.eligible[i]
+            e = _get(lazy_e).reshape(-1).to(key.device)
+            out = e.logical_not_() if callable(lazy_e) and e.dtype == torch.bool else ~e
+            key.masked_fill_(out, _INELIGIBLE)
+        return key
+
+    def local_pools(self, i: int, device: torch.device) -> PoolIds:
+        p = _get(self.pools[i])
+        return p if isinstance(p, int) else p.reshape(-1).long().to(device)
+
+    def home(self) -> torch.device:
+        """Where histograms are summed: the first non-empty layer's device."""
+        return next(
+            (d for d, s in zip(self.devices, self.shapes) if s is not None and s.numel()),
+            next((d for d in self.devices if d is not None), torch.device("cpu")),
+        )
+
+
+def _get(x):
+    return x() if callable(x) else x
+
+
+def _leading_digit_histogram(layers: _Layers, shift: int) -> torch.Tensor:
+    """(pools x buckets) counts of the eligible entries' leading digit, then two slots that carry
+    the NaN flag and the layer count, so that every process raises together instead of leaving
+    the others waiting in a collective."""
+    buckets = 1 << (32 - shift)
+    half = buckets // 2
+    n_slots = layers.n_pools * buckets
+    nan_seen = [False]
+    hist: Optional[torch.Tensor] = None
+    for i in range(len(layers)):
+        key = layers.keys(i, nan_seen)
+        if not key.numel():
+            continue
+        if hist is None:  # on the first non-empty layer's device
+            hist = torch.zeros(n_slots + 2, dtype=layers.count_dtype, device=key.device)
+        p = layers.local_pools(i, key.device)
+        out = (key == _INELIGIBLE) if layers.eligible is not None else None
+        key >>= shift  # the leading digit, in place
+        key += half
+        if isinstance(p, int):
+            hist[p * buckets : (p + 1) * buckets] += torch.bincount(key, minlength=buckets).to(hist.device)
+            if out is not None:  # ineligible entries sit in bucket 0 of their pool: take them out
+                hist[p * buckets] -= out.sum().to(hist.device)
+        else:
+            hist[:n_slots] += torch.bincount(p * buckets + key, minlength=n_slots).to(hist.device)
+            if out is not None:
+                hist[:n_slots:buckets] -= torch.bincount(p[out], minlength=layers.n_pools).to(hist.device)
+        del key, out, p  # before the next layer's are built
+    if hist is None:
+        hist = torch.zeros(n_slots + 2, dtype=layers.count_dtype, device=layers.home())
+    hist[-2] = int(nan_seen[0])
+    hist[-1] = len(layers)
+    return hist
+
+
+def _next_digit_histogram(
+    layers: _Layers, search: _Search, ids: torch.Tensor, prev_shift: int, shift: int, width: int
+) -> torch.Tensor:
+    """(open pools x width) counts of the digit below ``prev_shift`` of the entries that share
+    their open pool's prefix, rows in ``ids`` order: the payload is per open pool, never per entry.
+    A layer with no open pool is not read at all."""
+    row_of = torch.full((layers.n_pools,), -1, dtype=torch.long)
+    row_of[ids] = torch.arange(ids.numel())
+    row_of_on = _OnDevices(row_of)
+    prefix_on = _OnDevices(search.prefix.to(torch.int32))  # a prefix is a shifted int32 key
+    hist = torch.zeros(ids.numel() * width, dtype=layers.count_dtype, device=layers.home())
+    for i in range(len(layers)):
+        if layers.shapes[i] is None or not layers.shapes[i].numel():
+            continue
+        if not any(bool(search.is_open[q]) for q in layers.distinct[i]):
+            continue
+        key = layers.keys(i)
+        p = layers.local_pools(i, key.device)
+        if isinstance(p, int):
+            low = int(search.prefix[p]) << prev_shift  # the prefix's keys: [low, low + 2**prev_shift)
+            hit = (key >= low).logical_and_(key <= low + (1 << prev_shift) - 1)
+            digit = (key[hit] >> shift) & (width - 1)
+            row = int(row_of[p])
+            hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width).to(hist.device)
+        else:
+            rows = row_of_on[key.device].index_select(0, p)
+            hit = (key >> prev_shift) == prefix_on[key.device].index_select(0, p)
+            hit &= rows >= 0
+            digit = (key[hit] >> shift) & (width - 1)
+            hist += torch.bincount(rows[hit] * width + digit, minlength=hist.numel()).to(hist.device)
+        del key, p, hit, digit  # before the next layer's are built
+    return hist
+
+
+def _tie_quotas(
+    comm: Collectives, layers: _Layers, lo: torch.Tensor, need: torch.Tensor, offsets: Sequence[int]
+) -> Dict[Tuple[int, int], int]:
+    """How many of its local ties at the threshold (key == lo - 1) each (layer, pool) takes: a
+    pool's ``need`` ties go to those first in (layer order, global flat index) order. Every process
+    learns every shard's tie count and offset (one all_gather of a row as long as the number of
+    (layer, pool) pairs with ties, not of entries), so each can tell how many come before its own."""
+    wanted = set((need > 0).nonzero().flatten().tolist())
+    if not wanted:
+        return {}
+    slots = [(i, q) for i, distinct in enumerate(layers.distinct) for q in distinct if q in wanted]
+    tie_layers = sorted({i for i, _ in slots})
+    row = torch.zeros(len(slots) + len(tie_layers), dtype=torch.long)
+    for j, (i, q) in enumerate(slots):
+        if layers.shapes[i] is not None and layers.shapes[i].numel():
+            row[j] = int(_ties(layers, i, q, int(lo[q])).sum())
+    for j, i in enumerate(tie_layers):
+        row[len(slots) + j] = offsets[i]
+    table = comm.all_gather_rows(row)  # a host row: the collectives carry it on their device and back
+    ties, offs = table[:, : len(slots)], table[:, len(slots) :]
+    column = {i: j for j, i in enumerate(tie_layers)}
+    me = comm.rank
+    ranks = torch.arange(table.shape[0])
+    before_pool = {q: 0 for q in wanted}  # the pool's ties in earlier layers
+    take: Dict[Tuple[int, int], int] = {}
+    for j, (i, q) in enumerate(slots):
+        off = offs[:, column[i]]
+        earlier = (off < off[me]) | ((off == off[me]) & (ranks < me))
+        before = before_pool[q] + int(ties[earlier, j].sum())
+        before_pool[q] += int(ties[:, j].sum())
+        n = max(0, min(int(need[q]) - before, int(ties[me, j])))
+        if n:
+            take[(i, q)] = n
+    return take
+
+
+def _ties(layers: _Layers, i: int, q: int, lo_q: int, key: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Layer i's local entries of pool q at its threshold: key == lo - 1 (eligible: the digit walk
+    never stops on an ineligible key, whose bucket holds no count)."""
+    key = layers.keys(i) if key is None else key
+    tie = key == lo_q - 1
+    p = layers.local_pools(i, key.device)
+    if not isinstance(p, int):
+        tie &= p == q
+    return tie
+
+
+def _first_true(mask: torch.Tensor, n: int, block: int = 1 << 16) -> torch.Tensor:
+    """``mask`` with only its first ``n`` True entries left, in place: block counts find the block
+    where the n-th lies, so no entry-sized index or running count is built."""
+    whole = mask.numel() // block * block
+    per_block = mask[:whole].view(-1, block).sum(1, dtype=torch.long).tolist()
+    if whole < mask.numel():
+        per_block.append(int(mask[whole:].sum()))
+    seen = 0
+    for b, c in enumerate(per_block):
+        if seen + c >= n:
+            part = mask[b * block : (b + 1) * block]
+            part &= torch.cumsum(part, 0, dtype=torch.int32) <= n - seen
+            mask[(b + 1) * block :] = False
+            return mask
+        seen += c
+    return mask
+
+
+def _chosen(layers: _Layers, i: int, lo: torch.Tensor, take: Dict[Tuple[int, int], int], packed: bool) -> torch.Tensor:
+    """Layer i's result: every local entry at or above its pool's lower bound, ineligible entries
+    out even where a bound reaches down to their key, then the ties this shard takes."""
+    shape, device = layers.shapes[i], layers.devices[i]
+    if not shape.numel():
+        chosen = torch.zeros(0, dtype=torch.bool, device=device)
+    else:
+        key = layers.keys(i)
+        p = layers.local_pools(i, key.device)
+        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
+        for q in layers.distinct[i]:
+            if int(lo[q]) > _INT32_MAX:
+                continue
+            above = key >= int(lo[q])
+            chosen |= above if isinstance(p, int) else above.logical_and_(p == q)
+        if layers.eligible is not None and int(lo[layers.distinct[i]].min()) <= _INELIGIBLE:
+            chosen &= key != _INELIGIBLE
+        for q in layers.distinct[i]:
+            n = take.get((i, q), 0)
+            if n:
+                chosen |= _first_true(_ties(layers, i, q, int(lo[q]), key), n)
+    return bits.pack(chosen) if packed else chosen.view(shape)
 
 
 @dataclass
@@ -175,15 +395,6 @@ class _Search:
         self.is_open[ids] = ~whole & (shift > 0)
 
 
-@dataclass
-class _Candidates:
-    """One layer's local entries whose key still shares an alive pool's prefix."""
-
-    idx: Optional[torch.Tensor]  # local flat index; None: every entry, in order
-    key: torch.Tensor
-    pool: Optional[torch.Tensor]  # per entry; None where the layer's local pool is one int
-
-
 def _check_layer_args(
     scores: Sequence[torch.Tensor],
     pools: Sequence[PoolIds],
@@ -195,60 +406,6 @@ def _check_layer_args(
         raise ValueError(f"k must be non-negative, got {k.tolist()}")
     if not (len(pools) == len(offsets) == len(scores)) or (eligible is not None and len(eligible) != len(scores)):
         raise ValueError("scores, pools, eligible and offsets must have one entry per layer")
-
-
-def _local_layers(
-    scores: Sequence[torch.Tensor],
-    pools: Sequence[PoolIds],
-    n_pools: int,
-    eligible: Optional[Sequence[torch.Tensor]],
-    layer_pools: Optional[Sequence[Sequence[int]]],
-    max_pool_size: Optional[int],
-) -> _Layers:
-    """Keys and pools of this process's entries; raises before any collective on bad input."""
-    device = next((s.device for s in scores if s.numel()), scores[0].device if len(scores) else torch.device("cpu"))
-    count_dtype = torch.int32 if max_pool_size is not None and max_pool_size <= _INT32_MAX else torch.long
-    distinct = [_layer_pools(pools[i], None if layer_pools is None else layer_pools[i], i) for i in range(len(scores))]
-    local_pools = [p if isinstance(p, int) else p.reshape(-1).long().to(s.device) for p, s in zip(pools, scores)]
-    flat_eligible = None if eligible is None else [e.reshape(-1).to(s.device) for e, s in zip(eligible, scores)]
-    keys: List[torch.Tensor] = []
-    has_nan = False
-    for i, s in enumerate(scores):
-        key = order_keys(s)
-        if key.numel():
-            has_nan = has_nan or bool(torch.isnan(s).any())
-            if flat_eligible is not None:
-                key.masked_fill_(~flat_eligible[i], _INELIGIBLE)
-        keys.append(key)
-    return _Layers(keys, local_pools, distinct, flat_eligible, n_pools, has_nan, device, count_dtype)
-
-
-def _leading_digit_histogram(layers: _Layers, shift: int) -> torch.Tensor:
-    """(pools x buckets) counts of the eligible entries' leading digit, then two slots that carry
-    the NaN flag and the layer count, so that every process raises together instead of leaving
-    the others waiting in a collective."""
-    buckets = 1 << (32 - shift)
-    half = buckets // 2
-    n_slots = layers.n_pools * buckets
-    hist = torch.zeros(n_slots + 2, dtype=layers.count_dtype, device=layers.device)
-    for i, (key, p) in enumerate(zip(layers.keys, layers.pools)):
-        if not key.numel():
-            continue
-        digit = key >> shift
-        digit += half
-        if isinstance(p, int):
-            hist[p * buckets : (p + 1) * buckets] += torch.bincount(digit, minlength=buckets).to(hist.device)
-        else:
-            hist[:n_slots] += torch.bincount(p * buckets + digit, minlength=n_slots).to(hist.device)
-        if layers.eligible is not None:  # ineligible entries sit in bucket 0 of their pool: take them out
-            out = ~layers.eligible[i]
-            if isinstance(p, int):
-                hist[p * buckets] -= out.sum().to(hist.device)
-            else:
-                hist[:n_slots:buckets] -= torch.bincount(p[out], minlength=layers.n_pools).to(hist.device)
-    hist[-2] = int(layers.has_nan)
-    hist[-1] = len(layers.keys)
-    return hist
 
 
 def _checked_pool_counts(hist: torch.Tensor, n_layers: int, k: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -272,66 +429,6 @@ def _checked_pool_counts(hist: torch.Tensor, n_layers: int, k: torch.Tensor, wor
     return counts
 
 
-def _whole_layers(layers: _Layers, search: _Search) -> List[Optional[_Candidates]]:
-    """Every local entry of the layers that have an alive pool: what the leading digit narrows."""
-    alive = search.alive()
-    return [
-        _Candidates(None, key, None if isinstance(p, int) else p)
-        if key.numel() and any(bool(alive[q]) for q in distinct)
-        else None
-        for key, p, distinct in zip(layers.keys, layers.pools, layers.distinct)
-    ]
-
-
-def _narrow_candidates(
-    layers: _Layers, cands: List[Optional[_Candidates]], search: _Search, shift: int
-) -> List[Optional[_Candidates]]:
-    """Keeps the candidates whose key >> shift equals their alive pool's prefix. Ineligible keys can
-    stay as candidates of a pool whose threshold is down among -inf; they are harmless there: their
-    key is below every real one, so no digit walk ever stops on it."""
-    alive = search.alive()
-    alive_on, prefix_on = _OnDevices(alive), _OnDevices(search.prefix)
-    narrowed: List[Optional[_Candidates]] = []
-    for c, layer_pool in zip(cands, layers.pools):
-        if c is None or not c.key.numel():
-            narrowed.append(c)
-            continue
-        if c.pool is None:
-            if not bool(alive[layer_pool]):
-                narrowed.append(None)
-                continue
-            hit = (c.key >> shift) == int(search.prefix[layer_pool])
-        else:
-            hit = ((c.key >> shift).long() == prefix_on[c.pool.device][c.pool]) & alive_on[c.pool.device][c.pool]
-        local = hit.nonzero().flatten()
-        idx = local if c.idx is None else c.idx.index_select(0, local)
-        pool = None if c.pool is None else c.pool.index_select(0, local)
-        narrowed.append(_Candidates(idx, c.key.index_select(0, local), pool))
-    return narrowed
-
-
-def _next_digit_histogram(
-    layers: _Layers, cands: List[Optional[_Candidates]], ids: torch.Tensor, shift: int, width: int
-) -> torch.Tensor:
-    """(open pools x width) counts of the candidates' digit below ``shift``'s prefix, rows in
-    ``ids`` order: the payload is per open pool, never per entry."""
-    row_of = torch.full((layers.n_pools,), -1, dtype=torch.long)
-    row_of[ids] = torch.arange(ids.numel())
-    row_of_on = _OnDevices(row_of)
-    hist = torch.zeros(ids.numel() * width, dtype=layers.count_dtype, device=layers.device)
-    for c, layer_pool in zip(cands, layers.pools):
-        if c is None or not c.key.numel():
-            continue
-        digit = (c.key >> shift) & (width - 1)
-        if c.pool is None:
-            row = int(row_of[layer_pool])
-            hist[row * width : (row + 1) * width] += torch.bincount(digit, minlength=width).to(hist.device)
-        else:
-            rows = row_of_on[c.pool.device][c.pool]
-            hist += torch.bincount(rows * width + digit, minlength=hist.numel()).to(hist.device)
-    return hist
-
-
 class _OnDevices:
     """A small host tensor (per-pool search state), copied to each device that asks for it once."""
 
@@ -345,24 +442,6 @@ class _OnDevices:
         return t
 
 
-def _mark_above_threshold(layers: _Layers, lo: torch.Tensor) -> List[torch.Tensor]:
-    """Every local entry at or above its pool's lower bound; ineligible entries stay out even where
-    a bound reaches down to their key."""
-    out: List[torch.Tensor] = []
-    for i, (key, p, distinct) in enumerate(zip(layers.keys, layers.pools, layers.distinct)):
-        chosen = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
-        if key.numel():
-            for q in distinct:
-                if int(lo[q]) > _INT32_MAX:
-                    continue
-                above = key >= int(lo[q])
-                chosen |= above if isinstance(p, int) else above & (p == q)
-            if layers.eligible is not None and int(lo[distinct].min()) <= _INELIGIBLE:
-                chosen &= layers.eligible[i]
-        out.append(chosen)
-    return out
-
-
 def _layer_pools(pools: PoolIds, layer_pools: Optional[Sequence[int]], i: int) -> List[int]:
     """Every pool the whole layer has entries in: the same list on every process."""
     if layer_pools is not None:
@@ -370,48 +449,3 @@ def _layer_pools(pools: PoolIds, layer_pools: Optional[Sequence[int]], i: int) -
     if isinstance(pools, int):
         return [pools]
     raise ValueError(f"layer {i} has per-entry pool ids: pass layer_pools so every process knows the layer's pools")
-
-
-def _take_ties(
-    comm: Collectives,
-    out: List[torch.Tensor],
-    cands: List[Optional[_Candidates]],
-    layers: _Layers,
-    offsets: Sequence[int],
-    need: torch.Tensor,
-) -> None:
-    """Marks in ``out`` the ``need[q]`` ties of each pool q that come first in (layer order, global
-    flat index) order. Every process learns every shard's tie count and offset (one all_gather of a
-    row as long as the number of (layer, pool) pairs with ties, not of entries), so each can tell
-    how many ties come before its own and take what is left of its pool's quota."""
-    wanted = set((need > 0).nonzero().flatten().tolist())
-    if not wanted:
-        return
-    slots = [(i, q) for i, distinct in enumerate(layers.distinct) for q in distinct if q in wanted]
-    tie_layers = sorted({i for i, _ in slots})
-    row = torch.zeros(len(slots) + len(tie_layers), dtype=torch.long)
-    local_ties: List[Optional[torch.Tensor]] = []
-    for j, (i, q) in enumerate(slots):
-        c = cands[i]
-        idx = None if c is None else c.idx
-        if c is not None and c.pool is not None:
-            idx = idx[c.pool == q]
-        local_ties.append(idx)
-        row[j] = 0 if idx is None else idx.numel()
-    for j, i in enumerate(tie_layers):
-        row[len(slots) + j] = offsets[i]
-    table = comm.all_gather_rows(row)  # a host row: the collectives carry it on their device and back
-    ties, offs = table[:, : len(slots)], table[:, len(slots) :]
-    column = {i: j for j, i in enumerate(tie_layers)}
-    me = comm.rank
-    ranks = torch.arange(table.shape[0])
-    before_pool = {q: 0 for q in wanted}  # the pool's ties in earlier layers
-    for j, (i, q) in enumerate(slots):
-        off = offs[:, column[i]]
-        earlier = (off < off[me]) | ((off == off[me]) & (ranks < me))
-        before = before_pool[q] + int(ties[earlier, j].sum())
-        before_pool[q] += int(ties[:, j].sum())
-        idx = local_ties[j]
-        take = 0 if idx is None else max(0, min(int(need[q]) - before, idx.numel()))
-        if take:
-            out[i][idx[:take]] = True

@@ -87,6 +87,13 @@ class ZeroLayout:
         """After the masks changed outside DeepSpeed's step: low-precision copies must show them.
         The shard views write them directly (``extra_copies``) unless the layout says otherwise."""
 
+    def after_load(self) -> None:
+        """After a checkpoint load restored masks and DeepSpeed's state: check they agree."""
+
+    def arm(self, controller: Any) -> None:
+        """Before each step's backward: what the coming step needs captured (packed storage's
+        dense gradients); nothing for masked storage, whose gradients are dense already."""
+
     # -- DeepSpeed's step signals -------------------------------------------------------------
     def gradients_overflow(self) -> bool:
         """Whether DeepSpeed's step will find non-finite gradients (and skip, where its optimizer
