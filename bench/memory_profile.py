@@ -187,6 +187,34 @@ class Phases:
         self.meter.reset()
         return peak
 
+    def watch_updates(self, controller) -> None:
+        """The mask update runs inside the optimizer step (the controller, before or after the
+        optimizer's own step): its "start" closes the step's span so far, its "end" (after anything
+        the adapter does as part of the update) measures the update alone and starts the rest."""
+        self._step_parts: List[int] = []
+
+        def measure_update(event: str, step: int) -> None:
+            if event == "start":
+                self._step_parts.append(self.meter.peak() - self.baseline)
+                self.meter.reset()
+            else:
+                self.end("mask update")
+
+        controller.update_listeners.append(measure_update)
+
+    def step(self, take_step) -> None:
+        """``take_step()`` measured as "optimizer step", without a mask update run inside it."""
+        parts = getattr(self, "_step_parts", [])
+        parts.clear()
+        take_step()
+        if parts:  # the step's peak without the update: before it or after it
+            after = self.meter.peak() - self.baseline
+            self.peaks["optimizer step"].append(max(parts + [after]))
+            self.held["optimizer step"].append(self.meter.current() - self.baseline)
+            self.meter.reset()
+        else:
+            self.end("optimizer step")
+
 
 # -- one mode on one rank -----------------------------------------------------------------------
 def ds_config(mode: str, stage: int, steps: int, delta_t: int) -> dict:
@@ -262,20 +290,9 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, mode: s
     del optimizer  # rigl_ds may have replaced it with a compact one; the engine holds what it uses
     phases.end("engine init")
 
-    sparse, step_parts = getattr(engine, "rigl", None), []
+    sparse = getattr(engine, "rigl", None)
     if sparse is not None:
-        # The mask update runs inside engine.step (the controller, before or after the optimizer's
-        # step): its "start" closes the step's span so far, its "end" (after DeepSpeed's refresh of
-        # the low-precision weights where the update follows the optimizer step) measures the update
-        # alone and starts the rest.
-        def measure_update(event: str, step: int) -> None:
-            if event == "start":
-                step_parts.append(phases.meter.peak() - phases.baseline)
-                phases.meter.reset()
-            else:
-                phases.end("mask update")
-
-        sparse.controller.update_listeners.append(measure_update)
+        phases.watch_updates(sparse.controller)
 
     losses = []
     for x in batches:
@@ -286,15 +303,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, mode: s
         losses.append(float(loss.detach()))
         del loss
         phases.end("backward")
-        step_parts.clear()
-        engine.step()
-        if step_parts:  # the step's peak without the update: before it or after it
-            after = phases.meter.peak() - phases.baseline
-            phases.peaks["optimizer step"].append(max(step_parts + [after]))
-            phases.held["optimizer step"].append(phases.meter.current() - phases.baseline)
-            phases.meter.reset()
-        else:
-            phases.end("optimizer step")
+        phases.step(engine.step)
     updates = 0 if sparse is None else sparse.controller.updates
 
     dist.barrier()
@@ -349,18 +358,10 @@ def _plain_worker(rank: int, world: int, store: str, args: argparse.Namespace, m
     n_params = sum(p.numel() for p in model.parameters())
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sparse, step_parts = None, []
+    sparse = None
     if mode != "dense":
         sparse = rigl_ds.sparsify(model, optimizer, plain_block(mode, args.steps, args.delta_t))
-
-        def measure_update(event: str, step: int) -> None:
-            if event == "start":
-                step_parts.append(phases.meter.peak() - phases.baseline)
-                phases.meter.reset()
-            else:
-                phases.end("mask update")
-
-        sparse.controller.update_listeners.append(measure_update)
+        phases.watch_updates(sparse.controller)
     phases.end("engine init")
 
     losses = []
@@ -372,16 +373,8 @@ def _plain_worker(rank: int, world: int, store: str, args: argparse.Namespace, m
         losses.append(float(loss.detach()))
         del loss
         phases.end("backward")
-        step_parts.clear()
-        (sparse or optimizer).step()
+        phases.step((sparse or optimizer).step)
         optimizer.zero_grad(set_to_none=True)
-        if step_parts:
-            after = phases.meter.peak() - phases.baseline
-            phases.peaks["optimizer step"].append(max(step_parts + [after]))
-            phases.held["optimizer step"].append(phases.meter.current() - phases.baseline)
-            phases.meter.reset()
-        else:
-            phases.end("optimizer step")
     updates = 0 if sparse is None else sparse.controller.updates
 
     phases.start()

@@ -24,7 +24,7 @@ step): a hook on the rebuilt dense weight hands each layer's gradient to its sha
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -205,6 +205,23 @@ class PackedShard(Shard):
         """The weight as a dense tensor in its shape (for export)."""
         with torch.no_grad():
             return self.scatter(self.values.detach())
+
+
+def arm_dense_gradients(shards: List["PackedShard"], controller: Any) -> None:
+    """Before each step's backward: dense gradients in it only if the coming step reads them."""
+    wanted = controller.method.needs_dense_gradients(controller.step, controller.last_update)
+    for s in shards:
+        s.capture_dense_gradient(wanted)
+
+
+def check_positions(shards: List["PackedShard"]) -> None:
+    """After a load: the masks rigl_ds restored are where the model's packed values sit."""
+    stale = [s.layer.name for s in shards if not torch.equal(s.mask, s.mask_from_positions())]
+    if stale:
+        raise ValueError(
+            f"packed storage: the loaded masks of {stale[:5]} are not where the model's packed values sit; "
+            "load the model's state dict (which holds them) before the rigl_ds state"
+        )
 
 
 def pack_model(

@@ -26,7 +26,7 @@ from .fan_in import output_axes
 from .flops import FlopsMeter, FlopsReport, TrainingFlops, weight_uses
 from .grown import GrownEntrySteps
 from .masks import keep_active
-from .packed import dense_state_dict, pack_model
+from .packed import arm_dense_gradients, check_positions, dense_state_dict, pack_model
 from .shards import LocalCollectives, WholeTensorShard
 
 
@@ -79,7 +79,7 @@ class SparseTraining:
         self._masked_at_step = [-1] * len(self.shards)  # step at which each hook last masked its gradient
         if self.packed:
             self._hooks = []  # nothing masked to zero in a gradient
-            self._arm_dense_gradients()
+            arm_dense_gradients(self.shards, self.controller)
         else:
             self._hooks = [
                 shard.param.register_post_accumulate_grad_hook(self._make_grad_hook(i, shard))
@@ -101,13 +101,6 @@ class SparseTraining:
                 self._masked_at_step[index] = self.controller.step
 
         return mask_accumulated_grad
-
-    def _arm_dense_gradients(self) -> None:
-        """Packed storage: the coming backward hands over dense gradients only if this step reads them."""
-        c = self.controller
-        wanted = c.method.needs_dense_gradients(c.step, c.last_update)
-        for shard in self.shards:
-            shard.capture_dense_gradient(wanted)
 
     def remove(self) -> None:
         """Detaches the gradient hooks (the model keeps its zeros; masks are no longer enforced)."""
@@ -133,7 +126,7 @@ class SparseTraining:
             mark_step_skipped(self.optimizer)  # a deliberate skip (RigL update step)
         self.controller.after_step(run)
         if self.packed:
-            self._arm_dense_gradients()
+            arm_dense_gradients(self.shards, self.controller)
         if self._flops is not None:
             update_step = updated.changed()
             if update_step:
@@ -188,13 +181,8 @@ class SparseTraining:
         if self.grown.active:
             self.grown.forget()  # restored entries carry their saved Adam state: none counts as grown
         if self.packed:
-            stale = [s.layer.name for s in self.shards if not torch.equal(s.mask, s.mask_from_positions())]
-            if stale:
-                raise ValueError(
-                    f"packed storage: the loaded masks of {stale[:5]} are not where the model's packed values "
-                    "sit; load the model's state dict (which holds them) before the rigl_ds state"
-                )
-            self._arm_dense_gradients()
+            check_positions(self.shards)
+            arm_dense_gradients(self.shards, self.controller)
 
 
 def sparsify(

@@ -29,7 +29,7 @@ from torch import nn
 from .. import bits
 from ..config import RigLConfig, RigLConfigError
 from ..host_memory import freed_buffers_return_to_the_os
-from ..packed import PackedShard, ScatterToDense, TorchSlots, pack_model
+from ..packed import PackedShard, ScatterToDense, TorchSlots, arm_dense_gradients, check_positions, pack_model
 from ..plan import SparsityPlan
 from ..shards import LocalCollectives, Shard, WholeTensorShard
 from .layout import FragmentLayout, Stage3Layout
@@ -172,18 +172,10 @@ class PackedLayout(FragmentLayout):
         """No compact state with packed storage (its state is per active entry already)."""
 
     def arm(self, controller: Any) -> None:
-        """Dense gradients in the coming backward only if the coming step reads them."""
-        wanted = controller.method.needs_dense_gradients(controller.step, controller.last_update)
-        for s in self.shards:
-            s.capture_dense_gradient(wanted)
+        arm_dense_gradients(self.shards, controller)
 
     def after_load(self) -> None:
-        """After a load: the masks rigl_ds restored are where the module's packed values sit."""
-        stale = [s.layer.name for s in self.shards if not torch.equal(s.mask, s.mask_from_positions())]
-        if stale:
-            raise RuntimeError(
-                f"packed storage: the loaded masks of {stale[:5]} disagree with the checkpoint's packed positions"
-            )
+        check_positions(self.shards)
 
 
 def refuse_packed(ds_config: Dict[str, Any], model: nn.Module) -> None:
@@ -220,14 +212,16 @@ def pack_before_engine(
     """Chooses the initial masks on the dense model (the same on every rank: keyed by global index,
     no collective) and packs it; the client optimizer, if any, then steps the values. Returns
     {id(dense parameter): its values} (to fix parameter lists handed to DeepSpeed) and the plan."""
+    import deepspeed
+
     from ..adapter import plan_for_model, start_controller
 
     weights, plan = plan_for_model(model, config)
-    if any(hasattr(p, "ds_id") for p in weights.values()):
-        return _pack_partitioned(model, weights, plan, config, optimizer), plan
-    import deepspeed
-
+    # On CPU ranks the per-layer transients of packing go back to the OS when freed, as while the
+    # model was built (``host_memory``).
     with freed_buffers_return_to_the_os(deepspeed.get_accelerator().device_name() == "cpu"):
+        if any(hasattr(p, "ds_id") for p in weights.values()):
+            return _pack_partitioned(model, weights, plan, config, optimizer), plan
         dense = [WholeTensorShard(layer, weights[layer.name], optimizer) for layer in plan.layers]
         start_controller(config, plan, dense, LocalCollectives(), total_steps, defer_total_steps=True)
         shards = pack_model(model, dense, weights, optimizer, partitioned=stage == 3)
@@ -262,21 +256,7 @@ def _pack_partitioned(
     """ZeRO-3 (a model built under ``deepspeed.zero.Init``): one layer at a time, the weight is
     gathered, its initial active values taken, and the parametrization registered with values and
     positions as new parameters (DeepSpeed partitions them when it builds the engine); the dense
-    weight's partition is released. On CPU ranks the per-layer transients go back to the OS when
-    freed (``host_memory``), as while the model was built."""
-    import deepspeed
-
-    with freed_buffers_return_to_the_os(deepspeed.get_accelerator().device_name() == "cpu"):
-        return _pack_layers(model, weights, plan, config, optimizer)
-
-
-def _pack_layers(
-    model: nn.Module,
-    weights: Dict[str, nn.Parameter],
-    plan: SparsityPlan,
-    config: RigLConfig,
-    optimizer: Optional[torch.optim.Optimizer],
-) -> Dict[int, nn.Parameter]:
+    weight's partition is released."""
     import functools
 
     import deepspeed
