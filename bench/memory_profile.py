@@ -187,6 +187,21 @@ class Phases:
         self.meter.reset()
         return peak
 
+    def write_report(self, path: Path, rank: int, params: int, losses, updates: int, deepspeed_version) -> None:
+        """This rank's readings, for the driver to assemble."""
+        report = {
+            "rank": rank,
+            "meter": self.meter.name,
+            "baseline": self.baseline,
+            "peaks": self.peaks,
+            "held": self.held,
+            "params": params,
+            "losses": losses,
+            "updates": updates,
+            "deepspeed": deepspeed_version,
+        }
+        path.write_text(json.dumps(report))
+
     def watch_updates(self, controller) -> None:
         """The mask update runs inside the optimizer step (the controller, before or after the
         optimizer's own step): its "start" closes the step's span so far, its "end" (after anything
@@ -317,18 +332,8 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, mode: s
     if load_path is None:
         raise RuntimeError(f"load_checkpoint found no checkpoint in {ckpt}")
 
-    report = {
-        "rank": rank,
-        "meter": meter.name,
-        "baseline": phases.baseline,
-        "peaks": phases.peaks,
-        "held": phases.held,
-        "params": n_params,
-        "losses": losses,
-        "updates": updates,
-        "deepspeed": deepspeed.__version__,
-    }
-    Path(args.report_dir, f"{mode}.rank{rank}.json").write_text(json.dumps(report))
+    report = Path(args.report_dir, f"{mode}.rank{rank}.json")
+    phases.write_report(report, rank, n_params, losses, updates, deepspeed.__version__)
     meter.close()
     dist.barrier()
     dist.destroy_process_group()
@@ -393,18 +398,7 @@ def _plain_worker(rank: int, world: int, store: str, args: argparse.Namespace, m
     del state
     phases.end("checkpoint load")
 
-    report = {
-        "rank": rank,
-        "meter": meter.name,
-        "baseline": phases.baseline,
-        "peaks": phases.peaks,
-        "held": phases.held,
-        "params": n_params,
-        "losses": losses,
-        "updates": updates,
-        "deepspeed": None,
-    }
-    Path(args.report_dir, f"{mode}.rank{rank}.json").write_text(json.dumps(report))
+    phases.write_report(Path(args.report_dir, f"{mode}.rank{rank}.json"), rank, n_params, losses, updates, None)
     meter.close()
 
 
