@@ -201,11 +201,6 @@ class PackedShard(Shard):
         self.slots.write(self.values, slots, new_values)
         self.mask = new
 
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense tensor in its shape (for export)."""
-        with torch.no_grad():
-            return self.scatter(self.values.detach())
-
 
 def arm_dense_gradients(shards: List["PackedShard"], controller: Any) -> None:
     """Before each step's backward: dense gradients in it only if the coming step reads them."""
