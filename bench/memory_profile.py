@@ -232,11 +232,11 @@ class Phases:
 
 
 # -- one mode on one rank -----------------------------------------------------------------------
-def ds_config(mode: str, stage: int, steps: int, delta_t: int) -> dict:
+def ds_config(mode: str, stage: int, steps: int, delta_t: int, zero: Optional[dict] = None) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, **(zero or {})},
         "steps_per_print": 10**9,
     }
     if mode != "dense":
@@ -286,7 +286,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, mode: s
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # the table is the output
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives, once per rank
-    config = ds_config(mode, args.stage, args.steps, args.delta_t)
+    config = ds_config(mode, args.stage, args.steps, args.delta_t, args.zero)
     batches = [torch.tensor(ids, dtype=torch.long).view(1, -1).to(device) for ids in args.batches]
     ckpt = Path(args.ckpt_dir or os.path.dirname(store)) / f"ckpt-{mode}"
 
@@ -415,7 +415,7 @@ def packed_refused(args: argparse.Namespace) -> Optional[str]:
 
             from rigl_ds.zero.packed import refuse_packed
 
-            config = ds_config("packed", args.stage, args.steps, args.delta_t)
+            config = ds_config("packed", args.stage, args.steps, args.delta_t, args.zero)
             load_config(config["rigl"])
             refuse_packed(config, torch.nn.Module())
     except Exception as exc:  # noqa: BLE001  (whatever the config raises is the reason to print)
@@ -521,6 +521,12 @@ def main() -> None:
     p.add_argument("--sampler", action="store_true", help="sample RSS in a thread even where clear_refs works")
     p.add_argument("--ckpt-dir", default=None, help="where checkpoints go (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
+    p.add_argument(
+        "--zero",
+        type=json.loads,
+        default={},
+        help='JSON merged into zero_optimization for every mode, e.g. \'{"stage3_max_reuse_distance": 0}\'',
+    )
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first mask update is at step 1)")

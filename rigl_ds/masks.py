@@ -12,7 +12,7 @@ device and reduced through ``Collectives``, which carries them on its backend's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -274,19 +274,17 @@ def _as_mask(m: torch.Tensor, s: Shard) -> torch.Tensor:
     return m.reshape(-1).to(s.device, copy=True)
 
 
-def drop_and_grow(
+def select_drop_grow(
     shards: Sequence[Shard],
     comm: Collectives,
     n_pools: int,
-    step: int,
     drop_fraction: float,
     grow_scores: Sequence[torch.Tensor],
-    grow_init: str = "zeros",
-    grow_key: Optional[Callable[[Shard], int]] = None,
-) -> UpdateStats:
-    """One update (rigl/sparse_optimizers_base.py _get_update_op), per pool: k = int(f * n_active);
-    keep the n_active - k active entries of largest |w| (inactive entries are never kept); grow the
-    k entries of largest grow score among all entries not kept, the just-dropped ones included."""
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """What one update chooses, installed by nobody yet: the pools' active counts and, per layer, the
+    packed bits of the entries it keeps and of those it grows (see ``drop_and_grow``). Pools are
+    independent, so selecting a few layers at a time (one, inside backward) chooses what selecting
+    them all together does; pools absent from ``shards`` count zero and choose nothing."""
     n_active = pool_counts(shards, comm, n_pools).cpu()
     k = torch.tensor([int(drop_fraction * n) for n in n_active.tolist()], dtype=torch.long)
     pools = _pools(shards)
@@ -300,6 +298,30 @@ def drop_and_grow(
         return lambda: bits.unpack(keep[i], shards[i].numel).logical_not_()
 
     grow = comm.select_topk(list(grow_scores), pools, k, [not_kept(i) for i in range(len(shards))], shards, packed=True)
+    return n_active, keep, grow
+
+
+def drop_and_grow(
+    shards: Sequence[Shard],
+    comm: Collectives,
+    n_pools: int,
+    step: int,
+    drop_fraction: float,
+    grow_scores: Optional[Sequence[torch.Tensor]],
+    grow_init: str = "zeros",
+    grow_key: Optional[Callable[[Shard], int]] = None,
+    selected: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> UpdateStats:
+    """One update (rigl/sparse_optimizers_base.py _get_update_op), per pool: k = int(f * n_active);
+    keep the n_active - k active entries of largest |w| (inactive entries are never kept); grow the
+    k entries of largest grow score among all entries not kept, the just-dropped ones included.
+    ``selected``: each layer's (keep, grow) bits chosen already (in backward, layer by layer, by
+    ``select_drop_grow`` at this step's drop fraction); ``grow_scores`` is then not read."""
+    if selected is None:
+        n_active, keep, grow = select_drop_grow(shards, comm, n_pools, drop_fraction, grow_scores)
+    else:
+        n_active = pool_counts(shards, comm, n_pools).cpu()
+        keep, grow = [kp for kp, _ in selected], [g for _, g in selected]
     stats = UpdateStats(step=step, drop_fraction=drop_fraction, n_active=int(n_active.sum()))
     chosen_to_drop = [s.mask_bits & ~kp for s, kp in zip(shards, keep)]  # on the packed bits
     new_masks = [kp | g for kp, g in zip(keep, grow)]

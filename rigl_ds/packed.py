@@ -19,18 +19,23 @@ counts, are refused by ``RigLConfig``.
 
 Dense gradients exist only on steps whose method reads them (RigL's update steps, SNFS every
 step): a hook on the rebuilt dense weight hands each layer's gradient to its shard in backward.
+Where the adapter knows which backward ends the step (DeepSpeed's accumulation boundary) and the
+method selects per layer (RigL: ``SparseMethod.selects_in_backward``), the hook selects that layer's
+drop and grow there, keeps the packed bits, and lets the dense gradient go: one layer's at a time.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
+from . import bits
 from .plan import LayerPlan
 from .shards import Shard
 
@@ -64,6 +69,7 @@ class ScatterToDense(nn.Module):
         self.sink: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
+        # The hook may return a new gradient: what flows on to ``values`` (``PackedShard._receive``).
         dense = values.new_zeros(self.shape.numel()).index_put_((self.positions,), values)
         if self.sink is not None and dense.requires_grad:
             dense.register_hook(self.sink)
@@ -127,8 +133,8 @@ class PackedShard(Shard):
         self.reduce_gradient = reduce_gradient
         super().__init__(layer, 0, layer.numel, self.values.device)
         self.mask = self.mask_from_positions()
-        self._dense_grad: Optional[torch.Tensor] = None
-        self._reduced = False
+        self.capture_dense_gradient(False)
+        self.regrade = False
 
     @property
     def values(self) -> nn.Parameter:
@@ -160,18 +166,69 @@ class PackedShard(Shard):
             self._reduced = True
         return self._dense_grad
 
-    def capture_dense_gradient(self, on: bool) -> None:
+    def capture_dense_gradient(self, on: bool, plan: Optional["BackwardSelection"] = None) -> None:
         """Whether the coming backward hands this layer's dense gradient over (summed over the
-        micro-batches of one step); the last step's is dropped either way."""
+        micro-batches of one step), and what to do with it there (``plan``); the last step's
+        gradient and selection are dropped either way."""
         self.scatter.sink = self._receive if on else None
-        self._dense_grad, self._reduced = None, False
+        self.backward_selection = plan if on else None
+        self._dense_grad, self._reduced, self._selection, self._received = None, False, None, 0
 
-    def _receive(self, grad: torch.Tensor) -> None:
+    def _receive(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
         g = grad.detach().reshape(-1)
         if self._dense_grad is None:
             self._dense_grad = g.clone()
         else:
             self._dense_grad += g  # as the dense parameter's .grad would accumulate
+        return self._select_in_backward(grad)
+
+    def _select_in_backward(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """At the step's last backward: this layer's selection, made now; its dense gradient dropped.
+        Returns the gradient to hand on to the values (None: ``grad`` as it is)."""
+        self._received += 1
+        plan = self.backward_selection
+        if plan is None or not plan.at_boundary():
+            return None
+        if plan.regrade and self._received > 1:
+            raise RuntimeError(
+                f"{self.layer.name}: rigl.storage \"packed\" with rigl.skip_optimizer_step_on_update false cannot "
+                "step grown entries with their accumulated gradient over several micro-batches; set "
+                "skip_optimizer_step_on_update true (the reference's default), or one micro-batch per step"
+            )
+        keep, grow = plan.select(self)
+        self._selection, self._dense_grad = (keep, grow), None
+        if not plan.regrade:
+            return None
+        return self._regraded(grad, bits.unpack(keep, self.numel) | bits.unpack(grow, self.numel))
+
+    def _regraded(self, grad: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``grad`` (this rank's dense gradient of the whole layer) with each slot that changes hands
+        reading its new entry's gradient: the optimizer step after the update then steps a grown
+        entry with its own gradient, as the masked run does, not with the dropped entry's."""
+        old = self.mask
+        positions = self._full_positions()
+        slots, born = self._moves(self._whole(new & ~old), self._whole(old & ~new), positions)
+        flat = grad.reshape(-1)
+        out = flat.clone()
+        out[positions.to(flat.device).long()[slots.to(flat.device)]] = flat[born.to(flat.device)]
+        return out.view_as(grad)
+
+    @staticmethod
+    def _moves(grown: torch.Tensor, dropped: torch.Tensor, positions: torch.Tensor):
+        """The slots that change hands (ascending) and the entries they go to (ascending)."""
+        slots = dropped.index_select(0, positions.to(dropped.device).long()).nonzero().flatten()
+        born = grown.nonzero().flatten()
+        return slots, born
+
+    def _whole(self, part: torch.Tensor) -> torch.Tensor:
+        """A layer-wide bool tensor from this process's range of it (here: the range is the layer)."""
+        return part
+
+    def _full_positions(self) -> torch.Tensor:
+        return self.scatter.positions
+
+    def take_selection(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        return self._selection
 
     def optimizer_states(self) -> List[torch.Tensor]:
         """The optimizer's per-slot state (not dense: indexed like ``values``)."""
@@ -188,8 +245,7 @@ class PackedShard(Shard):
         """Dropped entries' slots go to grown entries (both in ascending order), at the grow-init
         value (zero without ``grow_values``) with zero optimizer state; kept slots do not move."""
         positions = self.scatter.positions
-        slots = dropped.index_select(0, positions.to(dropped.device)).nonzero().flatten()
-        born = grown.nonzero().flatten()
+        slots, born = self._moves(grown, dropped, positions)
         if slots.numel() != born.numel():
             raise RuntimeError(
                 f"{self.layer.name}: packed storage holds a fixed count per layer, but this update drops "
@@ -200,13 +256,41 @@ class PackedShard(Shard):
         new_values = torch.zeros(born.numel(), dtype=torch.float32) if grow_values is None else grow_values(born)
         self.slots.write(self.values, slots, new_values)
         self.mask = new
+        grad, dense_grad = self.values.grad, self._dense_grad
+        if self.regrade and grad is not None and dense_grad is not None:
+            # Selected at update time, before a step that runs: the slots' new entries' gradients.
+            with torch.no_grad():
+                grad[slots.to(grad.device)] = dense_grad[born.to(dense_grad.device)].to(grad.dtype)
 
 
-def arm_dense_gradients(shards: List["PackedShard"], controller: Any) -> None:
-    """Before each step's backward: dense gradients in it only if the coming step reads them."""
-    wanted = controller.method.needs_dense_gradients(controller.step, controller.last_update)
+@dataclass
+class BackwardSelection:
+    """What a packed layer does with its dense gradient in the backward that ends an update step."""
+
+    #: Chooses the layer's (keep, grow) bits from its shard (``SparseMethod.select_layer``).
+    select: Callable[["PackedShard"], Tuple[torch.Tensor, torch.Tensor]]
+    #: Whether the backward now running is the step's last (DeepSpeed's accumulation boundary).
+    at_boundary: Callable[[], bool]
+    #: The optimizer steps after this update: grown entries get their own gradient in their slots.
+    regrade: bool
+
+
+def arm_dense_gradients(
+    shards: List["PackedShard"], controller: Any, at_boundary: Optional[Callable[[], bool]] = None
+) -> None:
+    """Before each step's backward: dense gradients in it only if the coming step reads them, and
+    where ``at_boundary`` says which backward ends the step, each layer selected inside it."""
+    method, step = controller.method, controller.step
+    wanted = method.needs_dense_gradients(step, controller.last_update)
+    update = wanted and method.is_update_step(step, controller.last_update)
+    regrade = update and method.update_before_step and not controller.config.skip_step_on_update
+    plan = None
+    if update and at_boundary is not None and method.selects_in_backward:
+        comm = controller.comm
+        plan = BackwardSelection(lambda s: method.select_layer(s, comm, step), at_boundary, regrade)
     for s in shards:
-        s.capture_dense_gradient(wanted)
+        s.capture_dense_gradient(wanted, plan)
+        s.regrade = regrade
 
 
 def check_positions(shards: List["PackedShard"]) -> None:

@@ -9,7 +9,7 @@ partitions and collective-based selection, and the same method code runs unchang
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -95,6 +95,11 @@ class Shard:
     def optimizer_states(self) -> List[torch.Tensor]:
         """Live 1-D views of every per-entry optimizer state (momentum, Adam moments)."""
         raise NotImplementedError
+
+    def take_selection(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """This step's (keep, grow) bits when the layer was selected in backward
+        (``SparseMethod.selects_in_backward``), else None: the update then selects it itself."""
+        return None
 
     def extra_copies(self) -> List[torch.Tensor]:
         """Other live copies of the weight (low precision) that must hold the same zeros."""

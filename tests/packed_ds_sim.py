@@ -68,10 +68,21 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = rigl_ds.initialize(model=model, optimizer=optimizer, config=config)
     sparse = engine.rigl
-    losses, masks, states = [], [], []
+    losses, masks, states, held = [], [], [], []
     for step in range(steps):
         loss = lm_loss(engine, ds_sim.batch(family, step))
         engine.backward(loss)
+        c = sparse.controller
+        ends_step = engine.is_gradient_accumulation_boundary()
+        if storage == "packed" and ends_step and c.method.is_update_step(c.step, c.last_update):
+            # After the step's backward, before the update: which layers still hold a dense gradient,
+            # and which were selected inside backward.
+            held.append(
+                (
+                    [s.layer.name for s in sparse.shards if s._dense_grad is not None],
+                    [s.layer.name for s in sparse.shards if s.take_selection() is not None],
+                )
+            )
         engine.step()
         losses.append(float(loss.detach()))
         masks.append(ds_sim.full_masks(sparse))
@@ -82,6 +93,8 @@ def train(
         "masks": masks,
         "states": states,
         "history": [(h.step, h.dropped, h.grown, h.regrown, h.n_active) for h in sparse.history],
+        "held": held,
+        "layers": [s.layer.name for s in sparse.shards],
         "params": sorted(n for n, _ in engine.module.named_parameters()),
     }
 

@@ -137,6 +137,14 @@ def test_gradient_accumulation_sums_the_dense_gradient_as_the_masked_run_does():
     _assert_same_training("mlp", METHODS["rigl"], steps=12, accumulate=3)
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_rigl_stepping_on_update_steps_steps_grown_entries_with_their_own_gradient(accumulate):
+    """``skip_optimizer_step_on_update: false`` (RigL-plus): the step after an update moves each
+    grown entry by its own gradient, in the slot it took from a dropped entry, as the masked run does."""
+    block = {**METHODS["rigl"], "skip_optimizer_step_on_update": False}
+    _assert_same_training("mlp", block, steps=12, accumulate=accumulate)
+
+
 def test_random_normal_grow_init_gives_the_same_grown_values():
     _assert_same_training("mlp", {**METHODS["rigl"], "grow_init": "random_normal"}, steps=12)
 

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 SNFS = {**ds_sim.RIGL, "method": "snfs"}
 SET = {**ds_sim.RIGL, "method": "set"}
+# RigL whose optimizer also steps on update steps (RigL-plus): grown entries step with their own gradient.
+STEPPING = {**ds_sim.RIGL, "skip_optimizer_step_on_update": False}
 RUNS = [
     dict(stage=0, dtype="fp32", rigl=ds_sim.RIGL),
+    dict(stage=0, dtype="fp32", rigl=STEPPING),
+    dict(stage=2, dtype="fp32", rigl=STEPPING),
+    dict(stage=3, dtype="fp32", rigl=STEPPING),
     dict(stage=1, dtype="fp32", rigl=ds_sim.RIGL),
     dict(stage=2, dtype="fp32", rigl=ds_sim.RIGL),
     dict(stage=2, dtype="fp32", rigl=SET),
@@ -38,6 +43,7 @@ def _id(run):
     extra = "-gas2" if run.get("gradient_accumulation_steps") else ""
     extra += "-zero_init" if run.get("zero_init") else ""
     extra += "-lstm" if run.get("family") == "lstm" else ""
+    extra += "-stepping" if run["rigl"].get("skip_optimizer_step_on_update") is False else ""
     return f"zero{run['stage']}-{run['dtype']}-{run['rigl']['method']}{extra}"
 
 
@@ -76,6 +82,19 @@ def test_packed_bf16_takes_the_masked_runs_first_update_and_keeps_its_counts(pai
         assert abs(packed["losses"][-1] - masked["losses"][-1]) < 0.05
 
 
+@pytest.mark.parametrize("run", [_id(r) for r in RUNS if r["rigl"]["method"] == "rigl"])
+def test_rigl_selects_each_packed_layer_inside_backward_and_keeps_no_dense_gradient(pairs, run):
+    """On update steps each layer is selected in the backward that ends the step and its dense
+    gradient let go there: after backward no layer holds one (with gradient accumulation, the
+    earlier micro-batches' sum is held until the last), and every layer has its selection."""
+    for rank in pairs[run]:
+        packed = rank["packed"]
+        assert len(packed["held"]) == len(packed["history"]) >= 2
+        for holding, selected in packed["held"]:
+            assert holding == []
+            assert selected == packed["layers"]
+
+
 @pytest.mark.parametrize("run", ["zero2-fp32-rigl", "zero3-fp32-rigl", "zero3-fp32-rigl-zero_init"])
 def test_the_packed_model_hands_deepspeed_only_active_values(pairs, run):
     packed = pairs[run][0]["packed"]
@@ -91,6 +110,10 @@ def test_the_packed_model_hands_deepspeed_only_active_values(pairs, run):
     [
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, r"offload_optimizer"),
         ({"fp16": {"enabled": True}}, r"fp16"),
+        (
+            {"gradient_accumulation_steps": 2, "rigl": {**STEPPING, "storage": "packed"}},
+            r"skip_optimizer_step_on_update false and 2 micro-batches",
+        ),
     ],
 )
 def test_what_packed_storage_does_not_run_under_yet_is_refused_by_name(extra, message):

@@ -67,7 +67,7 @@ def initialize(*args: Any, total_steps: Optional[int] = None, defer_total_steps:
         if rigl_config.storage == "packed":
             from ..zero.packed import refuse_packed
 
-            refuse_packed(config, model)
+            refuse_packed(config, model, rigl_config)
         plan_for_model(model, rigl_config)
         if total_steps is None:
             total_steps = total_steps_from(config, kwargs.get("lr_scheduler", args[5] if len(args) > 5 else None))

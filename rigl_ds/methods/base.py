@@ -8,7 +8,7 @@ import torch
 
 from .. import keyed_random, schedules
 from ..config import RigLConfig
-from ..masks import UpdateStats, drop_and_grow
+from ..masks import UpdateStats, drop_and_grow, select_drop_grow
 from ..plan import SparsityPlan
 from ..shards import Collectives, Shard
 
@@ -35,6 +35,11 @@ class SparseMethod:
     #: Every layer keeps its active count through updates (``"storage": "packed"`` holds that many
     #: slots per layer); False for a method whose counts shrink (GMP).
     keeps_counts: ClassVar[bool] = True
+    #: The update reads each layer's own weights and gradient only, and runs before the optimizer
+    #: step: packed storage may then select each layer inside backward, as soon as its gradient is
+    #: reduced, and drop that gradient (``select_layer``), instead of keeping every layer's until the
+    #: update.
+    selects_in_backward: ClassVar[bool] = False
     #: Keys of the ``"rigl"`` block only this method reads; setting one with another method is an error.
     own_keys: ClassVar[Tuple[str, ...]] = ()
 
@@ -110,17 +115,32 @@ class DropGrowMethod(SparseMethod):
         the selection reads it (once per pass), so that only one layer's scores exist at a time."""
         raise NotImplementedError
 
+    def select_layer(self, shard: Shard, comm: Collectives, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (keep, grow) bits of the update at ``step``, chosen as ``update`` would choose
+        them among all layers (for ``selects_in_backward``; collectives run over ``comm``)."""
+        _, keep, grow = select_drop_grow(
+            [shard], comm, self.plan.n_pools, self.drop_fraction(step), self.grow_scores([shard], step)
+        )
+        return keep[0], grow[0]
+
     def update(self, shards: Sequence[Shard], comm: Collectives, step: int) -> UpdateStats:
         seed = self.config.seed
+        selected = [s.take_selection() for s in shards]
+        if any(x is None for x in selected):
+            if any(x is not None for x in selected):
+                missing = [s.layer.name for s, x in zip(shards, selected) if x is None]
+                raise RuntimeError(f"update at step {step}: {missing[:5]} were not selected in backward, others were")
+            selected = None
         return drop_and_grow(
             shards,
             comm,
             self.plan.n_pools,
             step,
             self.drop_fraction(step),
-            self.grow_scores(shards, step),
+            None if selected else self.grow_scores(shards, step),
             self.config.grow_init,
             grow_key=lambda s: keyed_random.derive_key(seed, "grow_init", s.layer.name, step),
+            selected=selected,
         )
 
 

@@ -18,6 +18,7 @@ from .registry import register
 class RigLMethod(DropGrowMethod):
     update_before_step = True
     uses_gradients = True
+    selects_in_backward = True
     skip_optimizer_step_on_update = True  # as the reference does on update steps
 
     @classmethod

@@ -172,15 +172,26 @@ class PackedLayout(FragmentLayout):
         """No compact state with packed storage (its state is per active entry already)."""
 
     def arm(self, controller: Any) -> None:
-        arm_dense_gradients(self.shards, controller)
+        arm_dense_gradients(self.shards, controller, at_boundary=self.engine.is_gradient_accumulation_boundary)
 
     def after_load(self) -> None:
         check_positions(self.shards)
 
 
-def refuse_packed(ds_config: Dict[str, Any], model: nn.Module) -> None:
+def refuse_packed(ds_config: Dict[str, Any], model: nn.Module, config: Optional[RigLConfig] = None) -> None:
     """What packed storage does not run under yet, refused by the setting's name."""
     from deepspeed.pipe import PipelineModule
+
+    if config is not None and config.method_class.selects_in_backward and not config.skip_step_on_update:
+        gas = _accumulation_steps(ds_config)
+        if gas > 1:
+            # The grown entries' slots would hold the dropped entries' gradients of the earlier
+            # micro-batches (``PackedShard._select_in_backward`` also refuses it at run time).
+            raise RigLConfigError(
+                f'rigl.storage: "packed" with rigl.skip_optimizer_step_on_update false and {gas} micro-batches '
+                "per step (gradient_accumulation_steps) is not supported; set skip_optimizer_step_on_update "
+                'true (the reference\'s default), one micro-batch per step, or storage: "masked"'
+            )
 
     if isinstance(model, PipelineModule):
         raise RigLConfigError(
@@ -200,6 +211,18 @@ def refuse_packed(ds_config: Dict[str, Any], model: nn.Module) -> None:
             'rigl.storage: "packed" with fp16 is not supported yet (its dense gradients would carry the loss '
             'scale); use bf16 or fp32, or storage: "masked"'
         )
+
+
+def _accumulation_steps(ds_config: Dict[str, Any]) -> int:
+    """The config's micro-batches per step, where it says (explicitly, or through the batch sizes)."""
+    gas = ds_config.get("gradient_accumulation_steps")
+    if isinstance(gas, int):
+        return gas
+    batch, micro = ds_config.get("train_batch_size"), ds_config.get("train_micro_batch_size_per_gpu")
+    if isinstance(batch, int) and isinstance(micro, int) and micro > 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return max(1, batch // (micro * world))
+    return 1
 
 
 def pack_before_engine(
@@ -312,13 +335,18 @@ class Stage3PackedShard(PackedShard):
         device = self.values.ds_tensor.device
         Shard.__init__(self, layer, offset, numel, device)
         self.mask = self.mask_from_positions()
-        self._dense_grad: Optional[torch.Tensor] = None
-        self._reduced = False
+        self.capture_dense_gradient(False)
+        self.regrade = False
 
     def _full_positions(self) -> torch.Tensor:
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         positions = self.scatter.positions
+        if getattr(positions, "ds_status", None) == ZeroParamStatus.AVAILABLE:
+            # Gathered already (inside the layer's backward): a GatheredParameters here would
+            # re-partition it on exit, under the autograd graph that still reads it.
+            return positions.detach().long().clone()
         with deepspeed.zero.GatheredParameters([positions], modifier_rank=None):
             return positions.detach().long().clone()
 
@@ -339,7 +367,7 @@ class Stage3PackedShard(PackedShard):
         dense[positions[inside] - self.offset] = values[inside.to(values.device)]
         return dense
 
-    def _receive(self, grad: torch.Tensor) -> None:
+    def _receive(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
         """The layer's local dense gradient, reduced over the ranks and cut to this rank's range
         (every rank runs the same backward, so these collectives meet in the same order)."""
         g = grad.detach().reshape(-1).clone()
@@ -350,6 +378,8 @@ class Stage3PackedShard(PackedShard):
             self._dense_grad = part.clone()
         else:
             self._dense_grad += part
+        del part
+        return self._select_in_backward(grad)
 
     def optimizer_states(self) -> List[torch.Tensor]:
         return []
