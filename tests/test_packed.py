@@ -262,3 +262,31 @@ def test_settings_packed_storage_cannot_honour_are_refused_by_name(block, key):
         rigl_ds.load_config({**block, "storage": "packed"})
     with pytest.raises(RigLConfigError, match=key):
         rigl_ds.load_config({**block, "storage": "packed"})
+
+
+@pytest.mark.parametrize("groups", [{}, {"0": {"axis": 0, "blocks": 4}}])
+def test_zero3_packing_draws_the_initial_masks_of_mask_initialisation_in_chunks(groups):
+    """A model built under ``zero.Init`` is packed from keyed scores drawn a chunk at a time and
+    selected by the one-process radix select: the same entries as the sort reference on the whole
+    layer, per mask group too."""
+    from rigl_ds import keyed_random
+    from rigl_ds.adapter import plan_for_model
+    from rigl_ds.config import load_config
+    from rigl_ds.topk import select_topk
+    from rigl_ds.zero.packed import _initial_positions
+
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    config = load_config({"method": "rigl", "sparsity": 0.9, "delta_t": 3, "end_step": 10, "mask_groups": groups})
+    _, plan = plan_for_model(model, config)
+    targets = plan.targets(config.sparsity)
+    for layer in plan.layers:
+        index = torch.arange(layer.numel)
+        scores = keyed_random.uniform(keyed_random.derive_key(config.seed, "init", layer.name), index)
+        pools = sorted(set(layer.pools))
+        k = torch.zeros_like(targets)
+        k[pools] = targets[pools]
+        ids = pools[0] if len(pools) == 1 else layer.pool_ids(index)
+        want = select_topk([scores], [ids], k)[0].nonzero().flatten()
+        got = _initial_positions(layer, plan, config, targets, chunk=1000)
+        assert torch.equal(got, want), layer.name
+        assert got.numel() == int(k.sum())

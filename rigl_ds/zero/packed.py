@@ -253,20 +253,34 @@ def pack_before_engine(
     return replaced, plan
 
 
-def _initial_positions(layer: Any, plan: SparsityPlan, config: RigLConfig, targets: torch.Tensor) -> torch.Tensor:
+def _initial_positions(
+    layer: Any, plan: SparsityPlan, config: RigLConfig, targets: torch.Tensor, chunk: int = 1 << 20
+) -> torch.Tensor:
     """The layer's initial active entries, whole, on every rank without a collective: the keyed
     random scores of mask initialisation (``masks.init_masks``) are a function of the global index,
-    and the sort reference selects exactly what the sharded selection would."""
+    and the radix selection in one process chooses exactly what the sharded one would. The scores
+    are drawn ``chunk`` entries at a time (the hash's int64 temporaries are 8 bytes an entry), so
+    the transient is the layer's fp32 scores and the selection's keys, not several int64 copies."""
     from .. import keyed_random
-    from ..topk import select_topk
+    from ..select.radix import radix_select_topk
 
-    index = torch.arange(layer.numel)
-    scores = keyed_random.uniform(keyed_random.derive_key(config.seed, "init", layer.name), index)
+    key = keyed_random.derive_key(config.seed, "init", layer.name)
+
+    def scores() -> torch.Tensor:
+        out = torch.empty(layer.numel, dtype=torch.float32)
+        for start in range(0, layer.numel, chunk):
+            stop = min(start + chunk, layer.numel)
+            out[start:stop] = keyed_random.uniform(key, torch.arange(start, stop))
+        return out
+
     pools = sorted(set(layer.pools))
     k = torch.zeros_like(targets)
     k[pools] = targets[pools]
-    pool_ids = pools[0] if len(pools) == 1 else layer.pool_ids(index)
-    return select_topk([scores], [pool_ids], k)[0].nonzero().flatten()
+    pool_ids = pools[0] if len(pools) == 1 else (lambda: layer.pool_ids(torch.arange(layer.numel)))
+    chosen = radix_select_topk(
+        LocalCollectives(), [scores], [pool_ids], k, None, [0], layer_pools=[layer.pools], packed=True
+    )[0]
+    return bits.unpack(chosen, layer.numel).nonzero().flatten()
 
 
 def _pack_partitioned(
