@@ -53,18 +53,25 @@ def start_controller(
     defer_total_steps: bool = False,
     on_masks_changed: Optional[Callable[[], None]] = None,
     single_process: bool = False,
+    masks_from_storage: bool = False,
 ) -> SparseController:
     """The controller over ``shards``, its masks initialised (exact counts at the method's starting
     sparsity, masked weights and state zeroed). ``on_masks_changed`` (compact optimizer state
     re-packing itself) runs at initialisation and after every later change of the masks.
     ``single_process``: the plain-PyTorch path (whole tensors); every other caller is the sharded
-    path, which refuses the keys it does not implement yet (``refuse_single_process_keys``)."""
+    path, which refuses the keys it does not implement yet (``refuse_single_process_keys``).
+    ``masks_from_storage``: the shards' masks are the initial ones already (packed storage, whose
+    positions were chosen by the same rule when the model was packed): counts are checked, nothing
+    is selected again."""
     if not single_process:
         refuse_single_process_keys(config)
     controller = SparseController(config, plan, shards, comm, total_steps, defer_total_steps=defer_total_steps)
     if on_masks_changed is not None:
         controller.mask_listeners.append(on_masks_changed)
-    controller.initialize_masks()
+    if masks_from_storage:
+        controller.adopt_masks()
+    else:
+        controller.initialize_masks()
     return controller
 
 

@@ -103,6 +103,15 @@ class SparseController:
         )
         self._masks_changed()
 
+    def adopt_masks(self) -> None:
+        """The shards hold the initial masks already (packed storage chose them when it packed the
+        model, by ``initialize_masks``' rule): check their exact per-pool counts and take them."""
+        sparsity = self.method.initial_sparsity
+        targets = self.plan.targets(sparsity) if sparsity > 0 else self.plan.pool_sizes()
+        check_counts(self.shards, self.comm, self.plan.n_pools, targets, "packed storage's initial masks")
+        self.n_active = int(targets.sum())
+        self._masks_changed()
+
     def _masks_changed(self) -> None:
         for listener in self.mask_listeners:
             listener()

@@ -48,6 +48,21 @@ def uniform(key: int, index: torch.Tensor) -> torch.Tensor:
     return (_hash(key, index) >> 8).to(torch.float32) * (2.0**-24)
 
 
+#: Entries hashed at a time by ``uniform_range``: the hash's int64 temporaries (several, 8 bytes an
+#: entry each) then stay a few MiB instead of several times a whole layer's range.
+RANGE_CHUNK = 1 << 20
+
+
+def uniform_range(key: int, start: int, numel: int, device=None, chunk: int = RANGE_CHUNK) -> torch.Tensor:
+    """``uniform(key, arange(start, start + numel))``, the same numbers, drawn ``chunk`` at a time
+    into one float32 tensor: the transient is 4 bytes an entry, not the hash's int64 copies."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for a in range(0, numel, chunk):
+        b = min(a + chunk, numel)
+        out[a:b] = uniform(key, torch.arange(start + a, start + b, device=device))
+    return out
+
+
 def normal(key: int, index: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 per index (Box-Muller over two keyed uniforms)."""
     u1 = 1.0 - uniform(key, index)  # (0, 1]: log is finite

@@ -115,8 +115,8 @@ def init_masks(
             scores = [_magnitude(s) for s in shards]
         else:
             scores = [
-                lambda s=s: keyed_random.uniform(
-                    keyed_random.derive_key(seed, "init", s.layer.name), s.global_indices()
+                lambda s=s: keyed_random.uniform_range(
+                    keyed_random.derive_key(seed, "init", s.layer.name), s.offset, s.numel, s.device
                 )
                 for s in shards
             ]

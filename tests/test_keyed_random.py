@@ -34,3 +34,11 @@ def test_normal_has_unit_variance():
     z = keyed_random.normal(keyed_random.derive_key(3, "grow_init"), torch.arange(100_000))
     assert torch.isfinite(z).all()
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1.0) < 0.02
+
+
+def test_a_range_drawn_in_chunks_is_the_same_numbers_as_one_draw():
+    key = keyed_random.derive_key(7, "init", "layer")
+    want = keyed_random.uniform(key, torch.arange(1000, 1000 + 12345))
+    for chunk in (1, 1000, 12345, 1 << 20):
+        assert torch.equal(keyed_random.uniform_range(key, 1000, 12345, chunk=chunk), want)
+    assert keyed_random.uniform_range(key, 5, 0).numel() == 0

@@ -130,6 +130,8 @@ class SparseEngine:
             total_steps,
             defer_total_steps=defer_total_steps,
             on_masks_changed=repack,
+            # Packed values sit at the initial masks already (chosen when the model was packed).
+            masks_from_storage=config.storage == "packed",
         )
         # DeepSpeed's own overflow check and loss scale, so rigl_ds skips exactly the steps it skips.
         self.controller.overflow_check = self.zero.gradients_overflow

@@ -38,8 +38,8 @@ class RigLMethod(DropGrowMethod):
         seed = self.config.seed
 
         def pooled(s: Shard, g: torch.Tensor) -> torch.Tensor:
-            u = keyed_random.uniform(keyed_random.derive_key(seed, "grow_pool", s.layer.name, step), s.global_indices())
-            u = u.to(g.device)
+            key = keyed_random.derive_key(seed, "grow_pool", s.layer.name, step)
+            u = keyed_random.uniform_range(key, s.offset, s.numel, s.device).to(g.device)
             return torch.where(u < fraction, g.abs().float(), -1.0 - u)
 
         return [lambda s=s, g=g: pooled(s, g) for s, g in zip(shards, grads)]

@@ -16,8 +16,8 @@ class SETMethod(DropGrowMethod):
     def grow_scores(self, shards: Sequence[Shard], step: int) -> List[Callable[[], torch.Tensor]]:
         seed = self.config.seed
         return [
-            lambda s=s: keyed_random.uniform(
-                keyed_random.derive_key(seed, "set", s.layer.name, step), s.global_indices()
+            lambda s=s: keyed_random.uniform_range(
+                keyed_random.derive_key(seed, "set", s.layer.name, step), s.offset, s.numel, s.device
             )
             for s in shards
         ]

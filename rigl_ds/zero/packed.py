@@ -267,11 +267,7 @@ def _initial_positions(
     key = keyed_random.derive_key(config.seed, "init", layer.name)
 
     def scores() -> torch.Tensor:
-        out = torch.empty(layer.numel, dtype=torch.float32)
-        for start in range(0, layer.numel, chunk):
-            stop = min(start + chunk, layer.numel)
-            out[start:stop] = keyed_random.uniform(key, torch.arange(start, stop))
-        return out
+        return keyed_random.uniform_range(key, 0, layer.numel, chunk=chunk)
 
     pools = sorted(set(layer.pools))
     k = torch.zeros_like(targets)
