@@ -13,8 +13,10 @@ times the learning rate (about 4x at k = 10, t = 600 with the default betas) for
 
 Both act after ``optimizer.step()`` on the entries grown since the start, from a snapshot taken just
 before it; entries active from initialisation are never touched. The per-entry step count at
-growth is an int32 per masked entry, kept in this process (not in checkpoints: after a resume every
-active entry counts as old). Single-process path only (``config.SINGLE_PROCESS_KEYS``).
+growth is an int32 per masked entry; ``state_dict`` / ``load_state_dict`` carry it (and the step
+count) through the plain path's checkpoint (``SparseTraining.state_dict()["grown"]``), so a resumed
+run takes the same steps as an uninterrupted one. A checkpoint without it (older ones) loads with
+every active entry counting as old. Single-process path only (``config.SINGLE_PROCESS_KEYS``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,22 @@ class GrownEntrySteps:
         """Every active entry counts as old from here (after a checkpoint load)."""
         for born in self.born:
             born.fill_(-1)
+        self._previous = [s.mask for s in self.shards]
+
+    def state_dict(self) -> dict:
+        """The step count and each entry's growth step (copies), for the plain path's checkpoint."""
+        return {"steps_taken": self.steps_taken, "born": [b.clone() for b in self.born]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()``; the masks must be loaded first (they are the new baseline)."""
+        born = state["born"]
+        if len(born) != len(self.born):
+            raise ValueError(f"grown-entry state has {len(born)} layers, this model {len(self.born)}")
+        for i, (mine, saved) in enumerate(zip(self.born, born)):
+            if saved.numel() != mine.numel():
+                raise ValueError(f"grown-entry state of layer {i}: {saved.numel()} entries, this shard {mine.numel()}")
+            mine.copy_(saved.to(device=mine.device, dtype=mine.dtype))
+        self.steps_taken = int(state["steps_taken"])
         self._previous = [s.mask for s in self.shards]
 
     def before_step(self) -> None:

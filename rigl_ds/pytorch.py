@@ -173,13 +173,19 @@ class SparseTraining:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return self.controller.state_dict()
+        state = self.controller.state_dict()
+        if self.grown.active:
+            state["grown"] = self.grown.state_dict()  # per-entry growth steps (grow_* options)
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores masks and schedule; load the model and optimizer state dicts first."""
         self.controller.load_state_dict(state)
         if self.grown.active:
-            self.grown.forget()  # restored entries carry their saved Adam state: none counts as grown
+            if "grown" in state:
+                self.grown.load_state_dict(state["grown"])
+            else:  # an older checkpoint: restored entries carry their saved Adam state, none counts as grown
+                self.grown.forget()
         if self.packed:
             check_positions(self.shards)
             arm_dense_gradients(self.shards, self.controller)

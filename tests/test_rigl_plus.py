@@ -199,16 +199,55 @@ def test_fan_in_counts_of_shard_ranges_add_up_to_the_whole_layers():
     assert coefficient_of_variation(torch.tensor([3, 3, 3])) == 0.0
 
 
-def test_after_a_checkpoint_load_no_entry_counts_as_grown():
+@pytest.mark.parametrize(
+    "plus", [{"grow_bias_correction": "per_entry"}, {"grow_warmup_steps": 8}], ids=["per_entry", "warmup"]
+)
+def test_resume_with_grown_entry_counts_is_bit_identical_to_an_uninterrupted_run(plus, tmp_path):
+    # Saved at step 12, between the updates at 10 and 15 (delta_t 5): entries grown at 10 are young.
+    block = {**BLOCK, **plus}
+    x, y = task()
+    model, opt, sparse = make(block)
+    for _ in range(12):
+        train_step(model, opt, sparse, x, y)
+    assert any(bool((b >= 0).any()) for b in sparse.grown.born)
+    steps_taken = sparse.grown.steps_taken  # optimizer steps taken (update steps skip theirs)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rigl": sparse.state_dict()}, path)
+    for _ in range(20):
+        train_step(model, opt, sparse, x, y)
+
+    model2, opt2, sparse2 = make({**block, "seed": 99}, seed=123)  # other masks and weights until loaded
+    ckpt = torch.load(path, weights_only=False)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sparse2.load_state_dict(ckpt["rigl"])
+    assert sparse2.grown.steps_taken == steps_taken > 0
+    for _ in range(20):
+        train_step(model2, opt2, sparse2, x, y)
+    assert sparse2.grown.steps_taken == sparse.grown.steps_taken
+    assert all(torch.equal(a, b) for a, b in zip(sparse.grown.born, sparse2.grown.born))
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_an_older_checkpoint_without_grown_entry_counts_loads_with_no_entry_counted_as_grown():
     block = {**BLOCK, "grow_bias_correction": "per_entry"}
     model, opt, sparse = make(block)
     x, y = task()
     for _ in range(7):
         train_step(model, opt, sparse, x, y)
     assert any(bool((b >= 0).any()) for b in sparse.grown.born)
+    state = sparse.state_dict()
+    assert "grown" in state
+    del state["grown"]  # what checkpoints written before the counts were saved hold
     _, _, fresh = make(block)
-    fresh.load_state_dict(sparse.state_dict())
+    fresh.load_state_dict(state)
     assert all(bool((b < 0).all()) for b in fresh.grown.born)
+
+
+def test_without_grow_options_the_checkpoint_holds_no_grown_entry_counts():
+    _, _, sparse = make(BLOCK)
+    assert "grown" not in sparse.state_dict()
 
 
 def test_grow_candidate_fraction_grows_only_inside_the_random_pool_and_is_rigl_only():
@@ -230,11 +269,12 @@ def test_grow_candidate_fraction_grows_only_inside_the_random_pool_and_is_rigl_o
         load_config({"method": "set", "grow_candidate_fraction": 0.5})
 
 
-def test_the_recommended_rigl_plus_block_loads_and_holds_only_options_away_from_the_paper_defaults():
+@pytest.mark.parametrize("name", ["rigl_plus.json", "rigl_plus_gpt2.json"])
+def test_the_recommended_rigl_plus_block_loads_and_holds_only_options_away_from_the_paper_defaults(name):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "configs" / "rigl_plus.json"
+    path = Path(__file__).resolve().parent.parent / "configs" / name
     block = json.loads(path.read_text())["rigl"]
     config = load_config(path)
     defaults = load_config({})
