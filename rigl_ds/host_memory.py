@@ -5,10 +5,19 @@ taking each layer's active values) leaves a rank's resident memory far above wha
 from __future__ import annotations
 
 import ctypes
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _threshold_after() -> int:
+    """The mmap threshold to leave behind: the environment's, where it sets one, else 32 MiB."""
+    try:
+        return int(os.environ["MALLOC_MMAP_THRESHOLD_"])
+    except (KeyError, ValueError):
+        return 32 << 20
 
 
 @contextmanager
@@ -19,7 +28,9 @@ def freed_buffers_return_to_the_os(enabled: bool) -> Iterator[None]:
     with glibc's adaptive threshold those freed buffers stayed in the heap, and a rank's resident
     memory grew past the whole model's (measured on 2 ranks, a GPT-2 of 210M parameters, 801 MiB
     fp32: peak growth 1287 MiB on rank 1; with this, 492 MiB on each; the whole build, 838 MiB).
-    Afterwards the threshold is glibc's adaptive ceiling, 32 MiB.
+    Afterwards the threshold is glibc's adaptive ceiling, 32 MiB, or what ``MALLOC_MMAP_THRESHOLD_``
+    in the environment set for the whole process (a CPU run that wants freed buffers returned
+    throughout, at the cost of an mmap per large allocation).
     A no-op off glibc, and on accelerators (their weights are not on the host heap)."""
     libc = None
     if enabled:
@@ -35,5 +46,5 @@ def freed_buffers_return_to_the_os(enabled: bool) -> Iterator[None]:
         yield
     finally:
         if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_MMAP_THRESHOLD, _threshold_after())
             libc.malloc_trim(0)
