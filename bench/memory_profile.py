@@ -415,10 +415,9 @@ def packed_refused(args: argparse.Namespace) -> Optional[str]:
 
             from rigl_ds.zero.packed import refuse_packed
 
-            config = ds_config("packed", args.stage, args.steps, args.delta_t, args.zero)
-            load_config(config["rigl"])
-            refuse_packed(config, torch.nn.Module())
-    except Exception as exc:  # noqa: BLE001  (whatever the config raises is the reason to print)
+            config = ds_config("packed", args.stage, args.steps, args.delta_t, getattr(args, "zero", None))
+            refuse_packed(config, torch.nn.Module(), load_config(config["rigl"]))
+    except ValueError as exc:  # RigLConfigError is one: the config's reason, to print
         return " ".join(str(exc).split())
     return None
 
