@@ -6,7 +6,7 @@ seeds, on two model families: a GPT-style transformer (BPE) and the paper's char
 (narrowed). Every run trains in one process on the plain-PyTorch path (the same method code as the
 DeepSpeed plugin, whose masks are tested equal to it), so no launcher start-up is paid 160 times.
 
-    python bench/quality_study.py                     # the CPU size, two runs at a time on 2 cores
+    python bench/quality_study.py                     # the CPU size, two runs at a time: 141 runs, 23 min on 2 cores
     python bench/quality_study.py --size gpu --device cuda --workers 1   # wider models, longer runs
     python bench/quality_study.py --report-only       # rebuild docs/results.md from the results file
     python bench/quality_study.py --study plus        # only the RigL-plus candidates (below)
@@ -149,7 +149,16 @@ VARIANTS = {
     "rigl+plus+groups": ("rigl", {**{k: v for k, v in RIGL_PLUS.items() if k != "method"}, "mask_groups": True}),
 }
 #: The candidates ``--study all`` (the one-command study) runs; the others with ``--variants``.
-DEFAULT_PLUS = ("set", "rigl", "rigl+bias", "rigl+groups", "rigl+fan_in", "rigl+pool0.1", "rigl+plus")
+DEFAULT_PLUS = (
+    "set",
+    "rigl",
+    "rigl+bias",
+    "rigl+groups",
+    "rigl+fan_in",
+    "rigl+pool0.1",
+    "rigl+plus",
+    "rigl+plus+groups",
+)
 PLUS_CELL = (0.9, "erk")
 
 
@@ -373,6 +382,8 @@ def run_study(
         wanted += list(plus_settings(n_seeds, variants or (DEFAULT_PLUS if study == "all" else None)))
     wanted = list({key(r): r for r in wanted}.values())  # SET and RigL of the plus study are main runs
     todo = [r for r in wanted if key(r) not in done and (only is None or r["family"] == only)]
+    # Longest first (GPT, then the 2x-step runs), so two workers do not end on one long run alone.
+    todo.sort(key=lambda r: (r["family"] != "gpt", r["method"] != "rigl_2x"))
     for family in {r["family"] for r in todo}:
         prepare(family, config[family], out / "cache")  # tokenizers and datasets caches, once, before the workers
     context = multiprocessing.get_context("spawn")
@@ -430,7 +441,8 @@ def write_plus_report(plus: list, main: list, size: str, doc: Path) -> None:
         "written by it). Each row is one `\"rigl\"` block (`VARIANTS` in the script) at "
         f"{sparsity:.0%} {dist.upper()}, equal steps and data order, seeds 0-{SIZES[size]['seeds'] - 1}; "
         "values are mean ± std [min, max] over seeds. *wins* = every seed better than every faithful-RigL "
-        "seed (non-overlapping ranges); *beats SET* the same against SET. ITOP rate: fraction of masked "
+        "seed (non-overlapping ranges) at training FLOPs no higher than RigL's (*better at more FLOPs*: the "
+        "same at higher FLOPs, no win); *beats SET* the same against SET. ITOP rate: fraction of masked "
         "entries ever active; fan-in CV: std / "
         "mean of active inputs per output unit, averaged over layers.",
         "",
@@ -476,6 +488,7 @@ def write_plus_report(plus: list, main: list, size: str, doc: Path) -> None:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         ref = [r[metric] for r in runs.get("rigl", [])]
+        ref_flops = _mean_std([r["training_flops_vs_dense"] for r in runs.get("rigl", [])])[0]
         set_ = [r[metric] for r in runs.get("set", [])]
         for name, rows in bounds.items():
             if rows:
@@ -491,11 +504,13 @@ def write_plus_report(plus: list, main: list, size: str, doc: Path) -> None:
             def ratio(other, values=values):
                 return f"{statistics.fmean(values) / statistics.fmean(other):.3f}" if other else "-"
 
-            wins = ref and name != "rigl" and max(values) < min(ref)
+            better = ref and name != "rigl" and max(values) < min(ref)
             beats_set = set_ and name != "set" and max(values) < min(set_)
             fl, _ = _mean_std([r["training_flops_vs_dense"] for r in runs[name]])
+            dearer = fl is not None and ref_flops is not None and fl > ref_flops * 1.001
+            label = (" *better at more FLOPs*" if dearer else " **wins**") if better else ""
             lines.append(
-                f"| {name}{' **wins**' if wins else ''}{' **beats SET**' if beats_set else ''} | "
+                f"| {name}{label}{' **beats SET**' if beats_set else ''} | "
                 f"`{json.dumps(options) if options else method}` | "
                 f"{len(values)} | {_spread(values)} | {ratio(ref)} | {ratio(set_)} | "
                 f"{'-' if fl is None else f'{fl:.3f}'} | {_fmt(runs[name], 'itop_rate')} | "

@@ -90,7 +90,7 @@ class SparseController:
         """Exact per-pool counts at the method's starting sparsity; masked weights and state zeroed."""
         sparsity = self.method.initial_sparsity
         sizes = self.plan.pool_sizes()
-        targets = self.plan.targets(sparsity) if sparsity > 0 else sizes
+        targets = self.plan.initial_targets(sparsity)
         self.n_active = int(targets.sum())
         init_masks(
             self.shards,
@@ -107,7 +107,7 @@ class SparseController:
         """The shards hold the initial masks already (packed storage chose them when it packed the
         model, by ``initialize_masks``' rule): check their exact per-pool counts and take them."""
         sparsity = self.method.initial_sparsity
-        targets = self.plan.targets(sparsity) if sparsity > 0 else self.plan.pool_sizes()
+        targets = self.plan.initial_targets(sparsity)
         check_counts(self.shards, self.comm, self.plan.n_pools, targets, "packed storage's initial masks")
         self.n_active = int(targets.sum())
         self._masks_changed()

@@ -134,7 +134,6 @@ class PackedShard(Shard):
         super().__init__(layer, 0, layer.numel, self.values.device)
         self.mask = self.mask_from_positions()
         self.capture_dense_gradient(False)
-        self.regrade = False
 
     @property
     def values(self) -> nn.Parameter:
@@ -166,12 +165,16 @@ class PackedShard(Shard):
             self._reduced = True
         return self._dense_grad
 
-    def capture_dense_gradient(self, on: bool, plan: Optional["BackwardSelection"] = None) -> None:
+    def capture_dense_gradient(
+        self, on: bool, plan: Optional["BackwardSelection"] = None, regrade: bool = False
+    ) -> None:
         """Whether the coming backward hands this layer's dense gradient over (summed over the
         micro-batches of one step), and what to do with it there (``plan``); the last step's
-        gradient and selection are dropped either way."""
+        gradient and selection are dropped either way. ``regrade``: the optimizer steps after this
+        update, so grown entries get their own gradient in the slots they take."""
         self.scatter.sink = self._receive if on else None
         self.backward_selection = plan if on else None
+        self.regrade = on and regrade
         self._dense_grad, self._reduced, self._selection, self._received = None, False, None, 0
 
     def _receive(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
@@ -189,7 +192,7 @@ class PackedShard(Shard):
         plan = self.backward_selection
         if plan is None or not plan.at_boundary():
             return None
-        if plan.regrade and self._received > 1:
+        if self.regrade and self._received > 1:
             raise RuntimeError(
                 f"{self.layer.name}: rigl.storage \"packed\" with rigl.skip_optimizer_step_on_update false cannot "
                 "step grown entries with their accumulated gradient over several micro-batches; set "
@@ -197,7 +200,7 @@ class PackedShard(Shard):
             )
         keep, grow = plan.select(self)
         self._selection, self._dense_grad = (keep, grow), None
-        if not plan.regrade:
+        if not self.regrade:
             return None
         return self._regraded(grad, bits.unpack(keep, self.numel) | bits.unpack(grow, self.numel))
 
@@ -213,11 +216,15 @@ class PackedShard(Shard):
         out[positions.to(flat.device).long()[slots.to(flat.device)]] = flat[born.to(flat.device)]
         return out.view_as(grad)
 
-    @staticmethod
-    def _moves(grown: torch.Tensor, dropped: torch.Tensor, positions: torch.Tensor):
+    def _moves(self, grown: torch.Tensor, dropped: torch.Tensor, positions: torch.Tensor):
         """The slots that change hands (ascending) and the entries they go to (ascending)."""
         slots = dropped.index_select(0, positions.to(dropped.device).long()).nonzero().flatten()
         born = grown.nonzero().flatten()
+        if slots.numel() != born.numel():
+            raise RuntimeError(
+                f"{self.layer.name}: packed storage holds a fixed count per layer, but this update drops "
+                f"{slots.numel()} entries and grows {born.numel()}"
+            )
         return slots, born
 
     def _whole(self, part: torch.Tensor) -> torch.Tensor:
@@ -246,11 +253,6 @@ class PackedShard(Shard):
         value (zero without ``grow_values``) with zero optimizer state; kept slots do not move."""
         positions = self.scatter.positions
         slots, born = self._moves(grown, dropped, positions)
-        if slots.numel() != born.numel():
-            raise RuntimeError(
-                f"{self.layer.name}: packed storage holds a fixed count per layer, but this update drops "
-                f"{slots.numel()} entries and grows {born.numel()}"
-            )
         with torch.no_grad():
             positions[slots.to(positions.device)] = born.to(positions.device, positions.dtype)
         new_values = torch.zeros(born.numel(), dtype=torch.float32) if grow_values is None else grow_values(born)
@@ -271,8 +273,6 @@ class BackwardSelection:
     select: Callable[["PackedShard"], Tuple[torch.Tensor, torch.Tensor]]
     #: Whether the backward now running is the step's last (DeepSpeed's accumulation boundary).
     at_boundary: Callable[[], bool]
-    #: The optimizer steps after this update: grown entries get their own gradient in their slots.
-    regrade: bool
 
 
 def arm_dense_gradients(
@@ -287,10 +287,9 @@ def arm_dense_gradients(
     plan = None
     if update and at_boundary is not None and method.selects_in_backward:
         comm = controller.comm
-        plan = BackwardSelection(lambda s: method.select_layer(s, comm, step), at_boundary, regrade)
+        plan = BackwardSelection(lambda s: method.select_layer(s, comm, step), at_boundary)
     for s in shards:
-        s.capture_dense_gradient(wanted, plan)
-        s.regrade = regrade
+        s.capture_dense_gradient(wanted, plan, regrade)
 
 
 def check_positions(shards: List["PackedShard"]) -> None:

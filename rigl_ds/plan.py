@@ -102,6 +102,10 @@ class SparsityPlan:
                 out[pool] = n - zeros_for(sparsities[unit], n)
         return out
 
+    def initial_targets(self, sparsity: float) -> torch.Tensor:
+        """``targets`` at a starting sparsity, where 0 (GMP's start) means every entry active."""
+        return self.targets(sparsity) if sparsity > 0 else self.pool_sizes()
+
     def subset(self, names: Sequence[str]) -> "SparsityPlan":
         """The plan of only the layers ``names`` (one pipeline stage's), each keeping the target it
         has in this whole plan: the budget stays split over every unit here, dense ones included.

@@ -52,3 +52,19 @@ def test_results_under_other_settings_are_not_reused():
     assert not q.current({**_result("set", 0, 2.5), "spec": "0" * 12}, "cpu")
     assert q.current({k: v for k, v in _result("set", 0, 2.5).items() if k != "spec"}, "cpu")  # older results
     assert q.spec_id("cpu", "gpt") != q.spec_id("cpu", "char_gru")
+
+
+def test_a_candidate_better_than_rigl_at_more_training_flops_is_not_called_a_win(tmp_path):
+    doc = tmp_path / "results.md"
+    main = [_result(m, s, bits + s / 100) for m, bits in (("rigl", 2.6), ("set", 2.5)) for s in range(3)]
+    main += [_result("dense", s, 2.2, 0.0, "-") for s in range(3)]
+    cheap = [{**_result("rigl+pool0.1", s, 2.5 + s / 100), "study": "plus"} for s in range(3)]
+    dear = [
+        {**_result("rigl+n_m2:16", s, 2.5 + s / 100), "study": "plus", "training_flops_vs_dense": 0.12}
+        for s in range(3)
+    ]
+    q.write_plus_report(cheap + dear, main, "cpu", doc)
+    rows = {line.split(" |")[0]: line for line in doc.read_text().splitlines() if line.startswith("| rigl")}
+    assert "| rigl+pool0.1 **wins**" in rows
+    assert "| rigl+n_m2:16 *better at more FLOPs*" in rows
+    assert "| rigl" in rows and "wins" not in rows["| rigl"]

@@ -299,7 +299,7 @@ def _pack_partitioned(
 
     method = config.method_class(config, plan, None)
     sparsity = method.initial_sparsity
-    targets = plan.targets(sparsity) if sparsity > 0 else plan.pool_sizes()
+    targets = plan.initial_targets(sparsity)
     owners = {id(p): (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False)}
     replaced: Dict[int, nn.Parameter] = {}
     wrapped = set()
@@ -346,7 +346,6 @@ class Stage3PackedShard(PackedShard):
         Shard.__init__(self, layer, offset, numel, device)
         self.mask = self.mask_from_positions()
         self.capture_dense_gradient(False)
-        self.regrade = False
 
     def _full_positions(self) -> torch.Tensor:
         import deepspeed
@@ -409,13 +408,7 @@ class Stage3PackedShard(PackedShard):
         positions = self.scatter.positions
         with deepspeed.zero.GatheredParameters([positions], modifier_rank=0):
             full = positions.data
-            slots = dropped_all.index_select(0, full.long().cpu()).nonzero().flatten()
-            born = grown_all.nonzero().flatten()
-            if slots.numel() != born.numel():
-                raise RuntimeError(
-                    f"{self.layer.name}: packed storage holds a fixed count per layer, but this update drops "
-                    f"{slots.numel()} entries and grows {born.numel()}"
-                )
+            slots, born = self._moves(grown_all, dropped_all, full)
             full[slots.to(full.device)] = born.to(full.device, full.dtype)
         new_values = torch.zeros(born.numel(), dtype=torch.float32) if grow_values is None else grow_values(born)
         self.slots.write(self.values, slots, new_values)
