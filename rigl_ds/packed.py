@@ -107,10 +107,11 @@ class TorchSlots:
 
     def write(self, values: nn.Parameter, slots: torch.Tensor, new: torch.Tensor) -> None:
         """``values[slots] = new`` with the slots' optimizer state zeroed."""
+        slots = slots.to(values.device)
         with torch.no_grad():
-            values[slots] = new.to(values.dtype)
+            values[slots] = new.to(values.device, values.dtype)
             for state in self.states(values):
-                state[slots] = 0
+                state[slots.to(state.device)] = 0
 
 
 class PackedShard(Shard):

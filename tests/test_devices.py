@@ -15,7 +15,9 @@ import sharded_sim
 import torch
 from fake_device import ACCEL, CPU, DeviceMismatch, FakeAccelerator, RecordedCollectives
 from gloo import run_gloo
+from helpers import TinyLM
 
+import rigl_ds
 from rigl_ds.config import load_config
 from rigl_ds.masks import apply_masks, drop_and_grow, init_masks, mask_gradients
 from rigl_ds.plan import build_plan
@@ -177,3 +179,56 @@ def test_deepspeed_offload_views_meet_each_copy_on_its_device_and_choose_what_on
                 assert not bool((got["grads"][name] * ~mask).any()), (key, name)
                 for low in got["low"][name]:
                     assert torch.equal(low, torch.where(mask, got["weights"][name].to(low.dtype), 0)), (key, name)
+
+
+def _train_packed(device, block):
+    """Eight steps of TinyLM under ``"storage": "packed"`` with the model on ``device``: losses,
+    masks and the packed state (values and positions), on the host."""
+    torch.manual_seed(0)
+    model = TinyLM().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    block = {"sparsity": 0.8, "delta_t": 2, "end_step": 7, "storage": "packed", **block}
+    sparse = rigl_ds.sparsify(model, optimizer, block)
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(8):
+        x = torch.randint(0, 40, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)), ((x * 7 + 3) % 40).to(device))
+        loss.backward()
+        sparse.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach().to(CPU)))
+    assert sparse.controller.updates == 4  # steps 0, 2, 4 and 6: slots written four times
+    state = {k: v.detach().to(CPU) for k, v in model.state_dict().items()}
+    return losses, {k: v.to(CPU) for k, v in sparse.masks.items()}, state
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"method": "rigl", "skip_optimizer_step_on_update": False, "grow_candidate_fraction": 0.5},
+        {"method": "set", "grow_init": "random_normal"},
+        {"method": "snfs"},
+    ],
+    ids=["rigl-plus", "set-random-normal", "snfs"],
+)
+def test_packed_storage_trains_on_the_accelerator_as_on_the_host(monkeypatch, block):
+    """Slots written on a new mask meet the values on their device (a grown entry's zero or drawn
+    value was built on the host: CUDA's index_put_ refuses that)."""
+    # Two limits of the pretend accelerator, not of the code: activation checkpointing looks up
+    # torch.<device type> for its RNG state, and a wrapper tensor cannot follow parametrize's
+    # in-place ``set_`` of the dense weight to the values (``swap_tensors`` instead).
+    monkeypatch.setattr(torch, "lazy", type("NoRng", (), {"_initialized": False}), raising=False)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        want = _train_packed(CPU, block)
+        with FakeAccelerator():
+            got = _train_packed(ACCEL, block)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert got[0] == want[0]
+    assert want[1].keys() == got[1].keys() and all(torch.equal(want[1][k], got[1][k]) for k in want[1])
+    assert want[2].keys() == got[2].keys() and all(torch.equal(want[2][k], got[2][k]) for k in want[2])
+    assert any("positions" in k for k in got[2])  # packed: the model holds values and positions
+
